@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from fedlora import __version__
-from fedlora.commands import aggregate, comm
+from fedlora.commands import aggregate, comm, run
 
 app = typer.Typer(
     name="fedlora",
@@ -17,6 +17,11 @@ app = typer.Typer(
 )
 app.command("aggregate")(aggregate.aggregate)
 app.command("comm")(comm.comm)
+app.command(
+    "run",
+    help=run.RUN_HELP,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)(run.run)
 
 
 @app.command("version")

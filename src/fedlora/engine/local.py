@@ -1,0 +1,401 @@
+"""The in-process engine: one base model in memory, clients trained one after another, rounds checkpointed.
+
+Reads top to bottom as ALGORITHMS.md describes a round:
+
+    for each round:
+        select clients (fraction, seeded by round)
+        for each selected client (sequentially, on the ONE base model):
+            install its LoRA: fresh (FLoRA, FLoRIST) or from the global adapter (FedIT, FlexLoRA, FFA, FedEx)
+            train locally; read its factors (the uplink)
+        aggregate per module with the method (pure math)
+        apply: merge into the base (FLoRA, FLoRIST; FedEx's residual) or keep the global adapter
+        evaluate; write metrics; checkpoint atomically
+    export a standard PEFT adapter that reproduces the global model on the ORIGINAL base
+
+Every random choice is seeded from (seed, round, client), so an interrupted run resumed from its checkpoint
+ends with exactly the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import Tensor
+
+from fedlora.adapter_io import write_adapter
+from fedlora.adapters import LoraHost, check_targets
+from fedlora.comm import DTYPE_BYTES
+from fedlora.config import RunConfig
+from fedlora.engine.data import ClientData, prepare_data
+from fedlora.engine.state import Factors, ServerState, load_state, save_state
+from fedlora.lowrank import ClientFactors
+from fedlora.methods import Method, ModuleUpdate, get_method
+from fedlora.models import load_model
+from fedlora.train import evaluate_loss, select_device, train_client
+
+log = logging.getLogger("fedlora")
+
+
+class RunError(ValueError):
+    """A run that cannot start or continue; the message says why and what to do."""
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    method: str
+    rounds: int
+    eval_before: float | None
+    eval_after: float | None
+    uplink_bytes: int
+    downlink_bytes: int
+    seconds: float
+    global_ranks: dict[str, int] = field(default_factory=dict)
+
+
+def mix_seed(*parts: int | str) -> int:
+    """A stable 31-bit seed from parts (Python's ``hash`` is salted per process)."""
+    return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
+
+
+def select_clients(num_clients: int, fraction: float, seed: int, round_: int) -> list[int]:
+    """The seeds' client sampling: ``max(1, round(fraction * K))`` clients without replacement, per round."""
+    count = max(1, round(fraction * num_clients))
+    if count >= num_clients:
+        return list(range(num_clients))
+    gen = torch.Generator().manual_seed(mix_seed(seed, "select", round_))
+    return sorted(torch.randperm(num_clients, generator=gen)[:count].tolist())
+
+
+def truncate(factors: tuple[Tensor, Tensor], rank: int) -> tuple[Tensor, Tensor]:
+    """The first ``rank`` directions of a global adapter, zero-padded when it has fewer (FedIT, FlexLoRA)."""
+    B, A = factors
+    if A.shape[0] >= rank:
+        return B[:, :rank], A[:rank]
+    extra = rank - A.shape[0]
+    return torch.cat([B, B.new_zeros(B.shape[0], extra)], 1), torch.cat([A, A.new_zeros(extra, A.shape[1])], 0)
+
+
+def payload_params(method: Method, factors: ClientFactors) -> int:
+    """Parameters a client sends up for one module: only B for FFA-LoRA (A is frozen and shared)."""
+    if method.name == "ffa":
+        return factors.B.numel()
+    return factors.B.numel() + factors.A.numel()
+
+
+class Engine:
+    """One federated run. ``Engine(config).run()``; ``resume=True`` continues from the run folder's checkpoint."""
+
+    def __init__(self, config: RunConfig, *, resume: bool = False, progress: bool = True) -> None:
+        self.config = config
+        self.resume = resume
+        self.show_progress = progress
+        self.run_dir = Path(config.output_dir)
+        self.method = get_method(config.method.name, **config.method.options())
+        self.bytes_per_value = DTYPE_BYTES[config.comm_dtype]
+
+    # ---------------------------------------------------------------------------------------------- set-up
+
+    def prepare(self) -> None:
+        """Everything that can fail on bad input, before any training: folder, model, data, targets, ranks."""
+        cfg = self.config
+        self._prepare_run_dir()
+        self.device = select_device(cfg.device)
+        loaded = load_model(cfg.model, seed=cfg.seed, device=self.device)
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.model_path = loaded.path or cfg.model
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.data: ClientData = prepare_data(cfg, self.tokenizer)
+        ranks = [cfg.lora.rank_of(k) for k in range(cfg.data.num_clients)]
+        self.shapes = check_targets(self.model, cfg.lora.target_modules, max(ranks))
+        self.host = LoraHost(self.model, cfg.lora.target_modules, cfg.lora.dropout)
+        (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    def _prepare_run_dir(self) -> None:
+        has_run = (self.run_dir / "metrics.jsonl").exists() or (self.run_dir / "checkpoint").exists()
+        if has_run and not self.resume:
+            raise RunError(
+                f"run folder {self.run_dir} already holds a run; pass --resume to continue it, or choose another "
+                "output_dir"
+            )
+        if self.resume and not has_run:
+            raise RunError(f"nothing to resume in {self.run_dir}: no checkpoint found")
+        if self.resume:
+            self._check_same_config()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _check_same_config(self) -> None:
+        """A resumed run must be the same run: only the number of rounds may grow."""
+        saved_path = self.run_dir / "config.yaml"
+        if not saved_path.is_file():
+            return
+        saved = yaml.safe_load(saved_path.read_text())
+        current = self.config.model_dump(mode="json")
+        for cfg in (saved, current):
+            cfg["federation"].pop("rounds", None)
+        changed = sorted(k for k in {*saved, *current} if saved.get(k) != current.get(k))
+        if changed:
+            raise RunError(
+                f"cannot resume {self.run_dir}: the config differs from the saved one in {changed}; "
+                "only federation.rounds may change when resuming"
+            )
+
+    # ------------------------------------------------------------------------------------------------ run
+
+    def run(self) -> RunSummary:
+        start = time.perf_counter()
+        self.prepare()
+        cfg = self.config
+        state = self._initial_state()
+        metrics = self._metrics_so_far(state.round)
+        if state.round == 0 and cfg.eval.base and not any(m["round"] == 0 for m in metrics):
+            metrics.append(self._write_metrics({"round": 0, "eval": self._evaluate(state)}))
+
+        with self._progress() as progress:
+            rounds_bar = progress.add_task("rounds", total=cfg.federation.rounds, completed=state.round)
+            for round_ in range(state.round + 1, cfg.federation.rounds + 1):
+                record = self._run_round(round_, state, progress)
+                state.round = round_
+                if self._evaluate_now(round_):
+                    record["eval"] = self._evaluate(state)
+                save_state(self.run_dir, state)
+                metrics.append(self._write_metrics(record))
+                progress.advance(rounds_bar)
+
+        self._export(state)
+        return self._summary(metrics, time.perf_counter() - start)
+
+    def _run_round(self, round_: int, state: ServerState, progress: Progress) -> dict[str, Any]:
+        cfg, data = self.config, self.data
+        selected = select_clients(cfg.data.num_clients, cfg.federation.client_fraction, cfg.seed, round_)
+        clients_bar = progress.add_task(f"round {round_}: clients", total=len(selected))
+        uploads: list[dict[str, ClientFactors]] = []
+        client_records = []
+        for k in selected:
+            self._install_client(k, round_, state)
+            settings = cfg.train.model_copy(update={"seed": mix_seed(cfg.seed, "train", round_, k)})
+            result = train_client(
+                self.host.model,
+                data.clients[k],
+                settings,
+                data.collate,
+                device=self.device,
+                progress=progress if self.show_progress else None,
+                desc=f"client {k}",
+            )
+            factors = self.host.factors()
+            uploads.append(factors)
+            up = sum(payload_params(self.method, f) for f in factors.values())
+            client_records.append(
+                {
+                    "id": k,
+                    "num_examples": len(data.clients[k]),
+                    "rank": cfg.lora.rank_of(k),
+                    "train_loss": result.loss,
+                    "steps": result.steps,
+                    "tokens_per_second": result.tokens_per_second,
+                    "uplink_params": up,
+                    "uplink_bytes": up * self.bytes_per_value,
+                }
+            )
+            progress.advance(clients_bar)
+        progress.remove_task(clients_bar)
+
+        weights = (
+            [len(data.clients[k]) for k in selected] if cfg.federation.weighting == "data" else [1.0] * len(selected)
+        )
+        updates = {name: self.method.aggregate([u[name] for u in uploads], weights, module=name) for name in uploads[0]}
+        self._apply(updates, state)
+        down = self._downlink_params(updates, state)
+        for rec in client_records:
+            rec["downlink_params"] = down[rec["id"]]
+            rec["downlink_bytes"] = down[rec["id"]] * self.bytes_per_value
+        record: dict[str, Any] = {
+            "round": round_,
+            "method": self.method.name,
+            "selected": selected,
+            "clients": client_records,
+            "train_loss": sum(r["train_loss"] * w for r, w in zip(client_records, weights, strict=True)) / sum(weights),
+            "uplink_bytes": sum(r["uplink_bytes"] for r in client_records),
+            "downlink_bytes": sum(down.values()) * self.bytes_per_value,
+        }
+        if any(u.singular_values is not None for u in updates.values()):
+            record["global_ranks"] = {name: u.rank for name, u in updates.items()}
+            record["energy_kept"] = {name: round(u.energy_kept, 6) for name, u in updates.items()}
+        return record
+
+    # ------------------------------------------------------------------------------- method semantics
+
+    def _initial_state(self) -> ServerState:
+        """Round 0: the global adapter every client starts from (non-merging methods), seeded once."""
+        if self.resume:
+            state = load_state(self.run_dir)
+            if state is None:
+                raise RunError(f"nothing to resume in {self.run_dir}: no complete checkpoint")
+            for step in state.history:  # replay the merges in order: bit-identical base weights
+                self.host.merge_into_base(step)
+            log.info("resuming %s after round %d", self.run_dir, state.round)
+            return state
+        state = ServerState()
+        if not self.method.merges_into_base:
+            # All clients start round 1 from the same PEFT-initialised adapter (the seeds' global model).
+            r_max = max(self.config.lora.rank_of(k) for k in range(self.config.data.num_clients))
+            self.host.install(r_max, r_max, seed=mix_seed(self.config.seed, "init"))
+            state.global_adapter = {n: (f.scaled_B(), f.A) for n, f in self.host.factors().items()}
+        return state
+
+    def _install_client(self, k: int, round_: int, state: ServerState) -> None:
+        lora = self.config.lora
+        rank, alpha = lora.rank_of(k), lora.alpha_of(k)
+        start = None
+        if state.global_adapter is not None:
+            start = {name: truncate(f, rank) for name, f in state.global_adapter.items()}
+        self.host.install(
+            rank,
+            alpha,
+            use_rslora=lora.use_rslora,
+            start=start,
+            seed=mix_seed(self.config.seed, "lora", round_, k),
+            train_A=self.method.name != "ffa",
+        )
+
+    def _apply(self, updates: dict[str, ModuleUpdate], state: ServerState) -> None:
+        if self.method.merges_into_base:  # FLoRA, FLoRIST: W0 += B_g A_g; clients restart fresh
+            step = {name: (u.B, u.A) for name, u in updates.items()}
+            self.host.merge_into_base(step)
+            state.history.append(step)
+            return
+        residual = {name: u.residual for name, u in updates.items() if u.residual is not None}
+        if residual:  # FedEx-LoRA: the exactness correction goes into the frozen weights
+            self.host.merge_into_base(residual)
+            state.history.append(residual)
+        state.global_adapter = {name: (u.B, u.A) for name, u in updates.items()}
+
+    def _downlink_params(self, updates: dict[str, ModuleUpdate], state: ServerState) -> dict[int, int]:
+        """Parameters each of the K clients receives after this round (all of them: bases must stay equal)."""
+        per_client = {}
+        for k in range(self.config.data.num_clients):
+            rank = self.config.lora.rank_of(k)
+            total = 0
+            for u in updates.values():
+                m, n = u.B.shape[0], u.A.shape[1]
+                if self.method.merges_into_base:
+                    total += u.rank * (m + n)
+                elif self.method.name == "ffa":
+                    total += u.B.numel()
+                else:
+                    total += rank * (m + n)  # FedIT / FlexLoRA truncation to the client's rank; FedEx adapter
+                if u.residual is not None:
+                    total += u.residual[0].numel() + u.residual[1].numel()
+            per_client[k] = total
+        return per_client
+
+    # ------------------------------------------------------------------------------------- evaluation
+
+    def _evaluate_now(self, round_: int) -> bool:
+        every = self.config.eval.every
+        return round_ == self.config.federation.rounds or (every > 0 and round_ % every == 0)
+
+    def _evaluate(self, state: ServerState) -> dict[str, float]:
+        """Held-out loss of the current global model (base + merges + global adapter)."""
+        if not self.data.eval_examples:
+            return {}
+        with self._global_model(state) as model:
+            loss = evaluate_loss(model, self.data.eval_examples, self.data.collate, self.config.eval.batch_size)
+        return {"eval_loss": loss}
+
+    @contextmanager
+    def _global_model(self, state: ServerState) -> Iterator[torch.nn.Module]:
+        """The global model: base (with merges) plus the global adapter installed, or adapters disabled."""
+        host = self.host
+        if state.global_adapter is not None:
+            ranks = {n: max(1, A.shape[0]) for n, (_, A) in state.global_adapter.items()}
+            host.install(ranks, start={n: truncate(f, ranks[n]) for n, f in state.global_adapter.items()}, dropout=0.0)
+            yield host.model
+        elif host.peft is None:
+            yield host.base
+        else:
+            with host.peft.disable_adapter():
+                yield host.model
+
+    # ------------------------------------------------------------------------------ metrics, export
+
+    def _metrics_so_far(self, completed: int) -> list[dict[str, Any]]:
+        """On resume keep the metrics of checkpointed rounds only (a crash may have left a later line)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        kept = [m for m in kept if m["round"] <= completed]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        os.replace(tmp, path)
+        return kept
+
+    def _write_metrics(self, record: dict[str, Any]) -> dict[str, Any]:
+        with (self.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+    def global_factors(self, state: ServerState) -> Factors:
+        """One adapter equal to the global update on the ORIGINAL base: merged rounds + global adapter."""
+        out = state.merged_factors()
+        for name, (B, A) in (state.global_adapter or {}).items():
+            if name in out:
+                out[name] = (torch.cat([out[name][0], B], 1), torch.cat([out[name][1], A], 0))
+            else:
+                out[name] = (B, A)
+        return out
+
+    def _export(self, state: ServerState) -> None:
+        template = {
+            "base_model_name_or_path": str(self.model_path),
+            "task_type": "CAUSAL_LM",
+            "target_modules": list(self.config.lora.target_modules),
+        }
+        write_adapter(self.run_dir / "adapter", self.global_factors(state), template, overwrite=True)
+
+    def _summary(self, metrics: list[dict[str, Any]], seconds: float) -> RunSummary:
+        rounds = [m for m in metrics if m["round"] > 0]
+        evals = [m for m in metrics if m.get("eval")]
+        before = next((m["eval"].get("eval_loss") for m in metrics if m["round"] == 0 and m.get("eval")), None)
+        after = evals[-1]["eval"].get("eval_loss") if evals and evals[-1]["round"] > 0 else None
+        return RunSummary(
+            run_dir=self.run_dir,
+            method=self.method.name,
+            rounds=len(rounds),
+            eval_before=before,
+            eval_after=after,
+            uplink_bytes=sum(m["uplink_bytes"] for m in rounds),
+            downlink_bytes=sum(m["downlink_bytes"] for m in rounds),
+            seconds=seconds,
+            global_ranks=rounds[-1].get("global_ranks", {}) if rounds else {},
+        )
+
+    def _progress(self) -> Progress:
+        return Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            disable=not self.show_progress,
+            transient=False,
+        )
+
+
+def run(config: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSummary:
+    return Engine(config, resume=resume, progress=progress).run()
+
