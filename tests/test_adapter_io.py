@@ -264,7 +264,7 @@ def test_refuses_pickle_missing_and_non_adapter_folders(client_copy, tmp_path):
         read_adapter(client_copy)
     with pytest.raises(AdapterError, match="does not exist"):
         read_adapter(tmp_path / "nowhere")
-    with pytest.raises(AdapterError, match="adapter_config.json is missing"):
+    with pytest.raises(AdapterError, match=r"adapter_config\.json is missing"):
         read_adapter(tmp_path)
     (tmp_path / CONFIG_NAME).write_text("{not json")
     with pytest.raises(AdapterError, match="cannot be read as JSON"):

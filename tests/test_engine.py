@@ -46,6 +46,7 @@ def tiny_config(tmp_path: Path, *overrides: str, clients: int = 3):
             f"output_dir={tmp_path / 'run'}",
             f"data.source={data}",
             "data.template=alpaca",
+            "data.max_examples_per_category=null",
             f"data.num_clients={clients}",
             "federation.rounds=1",
             *overrides,

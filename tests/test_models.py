@@ -131,8 +131,10 @@ def test_tiny_llama_forward_pass_with_padding(tmp_path):
 def test_dtype_choices(tmp_path):
     assert load_model("tiny-llama", dtype="bf16", cache_dir=tmp_path).model.dtype == torch.bfloat16
     assert load_model("tiny-llama", dtype=torch.float16, cache_dir=tmp_path).model.dtype == torch.float16
-    with pytest.raises(ModelNotFoundError, match=r"int8.*float32.*bf16"):
+    with pytest.raises(ValueError, match=r"int8.*float32.*bf16"):
         load_model("tiny-llama", dtype="int8", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"seed must be an integer, got 1\.5"):
+        load_model("tiny-llama", seed=1.5, cache_dir=tmp_path)
 
 
 # --- local folders -------------------------------------------------------------------------------------------
@@ -180,6 +182,11 @@ def test_local_path_errors(tmp_path):
     with pytest.raises(ModelNotFoundError, match=r"'.*empty'.*no config\.json"):
         (tmp_path / "empty").mkdir()
         load_model(str(tmp_path / "empty"))
+
+    model, _ = build_tiny_llama()
+    model.save_pretrained(tmp_path / "no-tokenizer")
+    with pytest.raises(ModelNotFoundError, match=r"could not load model '.*no-tokenizer'"):
+        load_model(str(tmp_path / "no-tokenizer"))
 
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
@@ -324,6 +331,18 @@ def test_complete_folder_is_not_rewritten(tmp_path):
     target = models._cached_folder(tmp_path / "m", write_config("first"))
     models._cached_folder(target, write_config("second"))
     assert json.loads((target / "config.json").read_text()) == {"writer": "first"}
+
+
+def test_a_folder_finished_by_another_process_meanwhile_is_kept(tmp_path):
+    target = tmp_path / "m"
+
+    def write(folder: Path) -> None:
+        write_config("loser")(folder)
+        models._cached_folder(target, write_config("winner"))  # another process finishes first
+
+    assert models._cached_folder(target, write) == target
+    assert json.loads((target / "config.json").read_text()) == {"writer": "winner"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
 def test_losing_the_rename_race_uses_the_winners_folder(tmp_path):

@@ -164,6 +164,23 @@ def test_first_step_loss_is_mean_token_loss_of_the_effective_batch():
         assert result.losses[0] == pytest.approx(expected, rel=1e-5)
 
 
+def test_partial_last_batch_is_normalised_by_its_own_tokens():
+    examples = make_examples(14)  # batch 8: the second step holds the 6 examples left, as 3 micro-batches of 2
+    model = make_model(random_b=True)
+    settings = TrainSettings(epochs=1, batch_size=8, micro_batch_size=2, **SMALL)
+    left = [examples[i] for i in epoch_order(14, settings.seed, 0)[8:]]
+    expected: list[float] = []
+
+    def after_step(log: StepLog) -> None:
+        if log.step == 1:  # the model the second step starts from
+            with torch.no_grad():
+                expected.append(hand_mean_token_loss(model, left).item())
+
+    result = train_client(model, examples, settings, collate, progress=after_step)
+    assert result.steps == 2 and result.examples_seen == 14
+    assert result.losses[1] == pytest.approx(expected[0], rel=1e-5)
+
+
 def test_accumulation_gives_the_same_gradient():
     examples = make_examples(8, min_len=3, max_len=30)  # very different lengths per micro-batch
     full = first_step_gradients(

@@ -337,7 +337,9 @@ def check_output_folder(folder: str | os.PathLike[str], overwrite: bool = False)
     if target.exists() and not target.is_dir():
         raise AdapterError(f"output {str(target)!r} exists and is not a folder")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise AdapterError(f"output folder {str(target)!r} exists and is not empty; pass overwrite to replace it")
+        raise AdapterError(
+            f"output folder {str(target)!r} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
+        )
 
 
 def _move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from fedlora import __version__
-from fedlora.commands import aggregate, comm, run
+from fedlora.commands import aggregate, comm, run, split
 
 app = typer.Typer(
     name="fedlora",
@@ -17,6 +17,7 @@ app = typer.Typer(
 )
 app.command("aggregate")(aggregate.aggregate)
 app.command("comm")(comm.comm)
+app.command("split")(split.split)
 app.command(
     "run",
     help=run.RUN_HELP,

@@ -249,10 +249,6 @@ SEED_FLAGS: dict[str, str] = {
 METHOD_FLAGS = {"fedit": "fedit", "flora": "flora", "florist": "florist", "stacking": "flora", "zero_padding": "fedit"}
 
 
-def is_seed_style(args: list[str]) -> bool:
-    return any(a.startswith("--") and a[2:].split("=")[0] in {*SEED_FLAGS, *METHOD_FLAGS} for a in args)
-
-
 def seed_flags_to_overrides(args: list[str]) -> list[str]:
     """Translate ``--flag value`` / ``--flag=value`` pairs of the seeds' ``main.py`` into dotted overrides.
 

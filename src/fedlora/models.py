@@ -112,8 +112,8 @@ def load_model(
     where, source = resolve_model_path(name_or_path, cache_dir, seed=seed)
     try:
         tokenizer, model = _from_pretrained(where, torch_dtype)
-    except OSError as err:
-        if source != "hub":
+    except (OSError, ValueError) as err:
+        if source != "hub" or not isinstance(err, OSError):
             raise ModelNotFoundError(f"could not load model {name_or_path!r} from {where}: {err}") from err
         # The hub gave the config but not the weights or tokenizer (e.g. a partial HF cache, offline).
         where, source = _hub_unavailable(name_or_path, err, cache_dir)
@@ -122,15 +122,11 @@ def load_model(
     _ensure_pad_token(tokenizer, model)
     model.to(device)
     model.eval()
-    return LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        source=source,
-        name={"local": where, "builtin": name_or_path.lower(), "offline-package-fallback": SMOLLM2}.get(
-            source, name_or_path
-        ),
-        path=_hub_snapshot_folder(name_or_path) if source == "hub" else where,
-    )
+    if source == "hub":
+        name, path = name_or_path, _hub_snapshot_folder(name_or_path)
+    else:
+        name, path = {"local": where, "builtin": name_or_path.lower()}.get(source, SMOLLM2), where
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, name=name, path=path)
 
 
 def resolve_model_path(
@@ -166,7 +162,7 @@ def builtin_model_folder(name: str, cache_dir: str | os.PathLike[str] | None = N
         return _cached_folder(models_dir / SMOLLM2, _write_smollm2)
     if name == TINY_LLAMA:
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ModelNotFoundError(f"tiny-llama seed must be an integer, got {seed!r}")
+            raise ValueError(f"tiny-llama seed must be an integer, got {seed!r}")
         return _cached_folder(models_dir / f"{TINY_LLAMA}-seed{seed}", lambda folder: _write_tiny_llama(folder, seed))
     raise ModelNotFoundError(f"unknown built-in model {name!r}; built-in names: {', '.join(BUILTIN_MODELS)}")
 
@@ -316,7 +312,7 @@ def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
         return dtype
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
-    raise ModelNotFoundError(f"unsupported dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
 
 
 def _check_model_folder(folder: Path, name: str) -> Path:
@@ -363,6 +359,7 @@ def _cached_folder(target: Path, write: Callable[[Path], None]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_folders(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
     try:
         write(tmp)
         (tmp / _MARKER).write_text(json.dumps({"format": _CACHE_FORMAT, "name": target.name, "fedlora": __version__}))

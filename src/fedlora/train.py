@@ -272,16 +272,20 @@ def build_scheduler(
     raise TrainingError(f"unknown scheduler {settings.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
 
 
-def _to_device(batch: Mapping[str, Tensor], device: torch.device, desc: str) -> dict[str, Tensor]:
+def _collate(collate_fn: CollateFn, items: list[Any], desc: str) -> dict[str, Tensor]:
+    """Collate and keep the model inputs; counting tokens here, before the move to the device, needs no sync."""
+    batch = collate_fn(items)
     missing = [k for k in ("input_ids", "labels") if k not in batch]
     if missing:
         raise TrainingError(
-            f"{desc or 'training'}: collate_fn returned no {missing}; it must return input_ids, "
-            f"attention_mask and labels, got {sorted(batch)}"
+            f"{desc}: collate_fn returned no {missing}; it must return input_ids, attention_mask and labels, "
+            f"got {sorted(batch)}"
         )
-    return {
-        k: v.to(device, non_blocking=True) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")
-    }
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+
+
+def _to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _forward_logits(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
@@ -431,9 +435,7 @@ def train_client(
         with _mode(model, True), _checkpointing(model, settings, base_frozen), _seeded_rng(settings.seed, device):
             for step, micro_indices in enumerate(batches, 1):
                 # Collate the whole effective batch first: its target-token count normalises every micro-batch.
-                micro_batches = [
-                    _to_device(collate_fn([examples[i] for i in idx]), device, name) for idx in micro_indices
-                ]
+                micro_batches = [_collate(collate_fn, [examples[i] for i in idx], name) for idx in micro_indices]
                 num_targets = sum(count_targets(b["labels"]) for b in micro_batches)
                 if num_targets == 0:
                     raise TrainingError(
@@ -441,15 +443,16 @@ def train_client(
                         "check the prompt cutoff and train_on_inputs"
                     )
                 summed = torch.zeros((), device=device)
-                for batch in micro_batches:
+                for cpu_batch in micro_batches:
+                    tokens += _num_tokens(cpu_batch)
+                    examples_seen += cpu_batch["input_ids"].shape[0]
+                    batch = _to_device(cpu_batch, device)
                     with precision.autocast():
                         logits = _forward_logits(model, batch)
                     micro_loss = summed_token_loss(logits, batch["labels"]) / num_targets
                     del logits
                     precision.backward(micro_loss)
                     summed += micro_loss.detach()
-                    tokens += _num_tokens(batch)
-                    examples_seen += batch["input_ids"].shape[0]
 
                 loss = summed.item()
                 if not math.isfinite(loss):
@@ -510,9 +513,10 @@ def evaluate_loss(
     with _mode(model, False), torch.no_grad():
         for start in range(0, len(examples), batch_size):
             chunk = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
-            batch = _to_device(collate_fn(chunk), device, "evaluate_loss")
-            total += summed_token_loss(_forward_logits(model, batch), batch["labels"]).double()
+            batch = _collate(collate_fn, chunk, "evaluate_loss")
             num_targets += count_targets(batch["labels"])
+            batch = _to_device(batch, device)
+            total += summed_token_loss(_forward_logits(model, batch), batch["labels"]).double()
     if num_targets == 0:
         raise TrainingError(f"evaluate_loss: no target tokens (every label is {IGNORE_INDEX})")
     return float(total) / num_targets

@@ -16,7 +16,7 @@ from fedlora.adapter_io import AggregationResult, aggregate_adapters, check_outp
 from fedlora.lowrank import AggregationError, normalize_weights
 from fedlora.methods import METHODS, Method, get_method
 
-# What the output folder holds, per method (also shown in --help).
+# What the output folder holds, per method (printed after a run; the --help text says the same).
 OUTPUT_MEANING = {
     "fedit": "the weighted averages of A and of B (zero-padded to the largest rank); inexact",
     "flora": "the exact weighted sum as FLoRA's stack (rank = sum of client ranks); merge it into the base",
@@ -46,7 +46,9 @@ def aggregate(
         str | None,
         typer.Option(help="Comma-separated client weights, e.g. example counts 100,300 or fractions; default uniform."),
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists and is not empty.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists and is not empty.")
+    ] = False,
 ) -> None:
     """Aggregate client LoRA adapters into one standard PEFT LoRA adapter folder.
 

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fedlora.config import ConfigError, RunConfig, is_seed_style, load_config, seed_flags_to_overrides
+from fedlora.config import ConfigError, RunConfig, load_config, seed_flags_to_overrides
 
 RUN_HELP = """Run federated fine-tuning.
 
@@ -29,7 +29,7 @@ def parse_run_args(args: list[str]) -> RunConfig:
     preset = None
     if args and "=" not in args[0] and not args[0].startswith("--"):
         preset, args = args[0], args[1:]
-    if is_seed_style(args):
+    if any(a.startswith("--") for a in args):  # the seeds' main.py flags
         return load_config(preset, seed_flags_to_overrides(args))  # no preset: the seeds' own defaults
     stray = [a for a in args if "=" not in a]
     if stray:

@@ -108,7 +108,12 @@ def normalize_record(raw: Any, where: str = "record", category_field: str = "cat
                 f"{where}: missing the response: field 'output' (Alpaca, WizardLM) or 'response' (Dolly) "
                 f"(keys: {sorted(raw)}); {ACCEPTED_FORMATS}"
             )
-    return {"instruction": instruction, "input": context, "output": output, "category": _category(raw, where, category_field)}
+    return {
+        "instruction": instruction,
+        "input": context,
+        "output": output,
+        "category": _category(raw, where, category_field),
+    }
 
 
 def _category(raw: Mapping[str, Any], where: str, field: str) -> str | None:

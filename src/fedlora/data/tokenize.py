@@ -2,44 +2,58 @@
 
 Follows the seeds (alpaca-lora / FedIT): the text ``prompt + response`` is tokenised with truncation to
 ``cutoff_len``; EOS is appended when the sequence is shorter than ``cutoff_len`` and does not already end with
-it; labels equal the input ids, with the prompt's tokens set to -100 when ``train_on_inputs`` is False. The prompt
-is tokenised on its own to find its length; where the tokenizer merges characters across the prompt/response
-boundary (so that the prompt's tokens are not a prefix of the full sequence's), only the common prefix is masked,
-so that no response token is ever hidden from the loss.
+it; labels equal the input ids, with the prompt's tokens set to -100 when ``train_on_inputs`` is False.
+
+Which tokens are "the prompt's" needs care, because a tokenizer may merge characters across the prompt/response
+boundary. The seeds tokenise the prompt alone and mask that many tokens; that is right when the merge only moves
+prompt whitespace into the first response token (SmolLM2 and the ``commonsense`` template: ``"\\n" + 16 spaces``
+becomes ``"\\n" + 15 spaces`` and ``" the"``), but it hides a response token when one token straddles the
+boundary. With a fast tokenizer we therefore use its character offsets: a token is masked when it ends inside the
+prompt, so every token carrying response text stays in the loss. Slow tokenizers fall back to the seeds' rule.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from fedlora.data.errors import DataError
 from fedlora.data.templates import PromptTemplate, get_template, render
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 IGNORE_INDEX = -100
 _CHUNK = 1024  # records per tokenizer call: bounds the memory of the tokenizer's intermediate output
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-def _encode(tokenizer: Any, texts: list[str], cutoff_len: int) -> list[list[int]]:
+def _encode(tokenizer: Any, texts: list[str], cutoff_len: int, offsets: bool = False) -> tuple[list, list]:
+    """Token ids (and character offsets when asked) of ``texts``, truncated to ``cutoff_len``."""
     ids: list[list[int]] = []
+    spans: list[list[tuple[int, int]]] = []
     for start in range(0, len(texts), _CHUNK):
         batch = tokenizer(
-            texts[start : start + _CHUNK], truncation=True, max_length=cutoff_len, return_attention_mask=False
+            texts[start : start + _CHUNK],
+            truncation=True,
+            max_length=cutoff_len,
+            return_attention_mask=False,
+            return_offsets_mapping=offsets,
         )
         ids.extend(list(x) for x in batch["input_ids"])
-    return ids
+        if offsets:
+            spans.extend(batch["offset_mapping"])
+    return ids, spans
+
+
+def _tokens_inside(spans: Sequence[tuple[int, int]], prompt_chars: int) -> int:
+    """How many leading tokens end within the first ``prompt_chars`` characters (special tokens span (0, 0))."""
+    n = 0
+    for _, end in spans:
+        if end > prompt_chars:
+            break
+        n += 1
+    return n
 
 
 def tokenize_records(
@@ -66,17 +80,20 @@ def tokenize_records(
     if not records:
         return []
     pairs = [render(r, tmpl) for r in records]
-    full_ids = _encode(tokenizer, [p + r for p, r in pairs], cutoff_len)
-    prompt_ids = None if train_on_inputs else _encode(tokenizer, [p for p, _ in pairs], cutoff_len)
+    by_offsets = not train_on_inputs and bool(getattr(tokenizer, "is_fast", False))
+    full_ids, spans = _encode(tokenizer, [p + r for p, r in pairs], cutoff_len, offsets=by_offsets)
+    masked = [0] * len(pairs)
+    if by_offsets:
+        masked = [_tokens_inside(sp, len(p)) for sp, (p, _) in zip(spans, pairs, strict=True)]
+    elif not train_on_inputs:
+        masked = [len(ids) for ids in _encode(tokenizer, [p for p, _ in pairs], cutoff_len)[0]]
 
     examples = []
-    for i, ids in enumerate(full_ids):
+    for ids, n in zip(full_ids, masked, strict=True):
         if add_eos and len(ids) < cutoff_len and (not ids or ids[-1] != eos_id):
             ids.append(eos_id)
-        labels = list(ids)
-        if prompt_ids is not None:
-            n = _common_prefix(prompt_ids[i], ids)
-            labels[:n] = [IGNORE_INDEX] * n
+        n = min(n, len(ids))
+        labels = [IGNORE_INDEX] * n + ids[n:]
         examples.append({"input_ids": ids, "labels": labels})
     return examples
 
@@ -93,6 +110,8 @@ def collate(
     the right (training) or the left (batched generation). An example without ``labels`` is trained on every
     token. All tensors are ``torch.long`` of shape (batch, length), length rounded up to ``pad_to_multiple_of``.
     """
+    import torch  # here, so that reading and splitting data does not pay for importing torch
+
     if not examples:
         raise DataError("collate: no examples")
     if pad_token_id is None:

@@ -10,14 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.config import RunConfig
-from fedlora.data import (
-    DataError,
-    collate,
-    load_client_folder,
-    load_records_spec,
-    split_records,
-    tokenize_records,
-)
+from fedlora.data import DataError, collate, load_records_spec, tokenize_records
+from fedlora.data.split import partition
 
 
 @dataclass
@@ -29,27 +23,25 @@ class ClientData:
 
 def prepare_data(config: RunConfig, tokenizer: Any) -> ClientData:
     d = config.data
-    source = Path(d.source)
-    if source.is_dir():  # the seeds' pre-split folder: local_training_{k}.json, global_test.json
-        clients, test = load_client_folder(source, d.num_clients)
+    loaded = load_records_spec(
+        d.source,
+        category_field=d.category_field,
+        max_per_task=d.max_examples_per_category,
+        seed=config.seed,
+        num_clients=d.num_clients if Path(d.source).is_dir() else None,
+    )
+    if loaded.kind == "folder":  # the seeds' pre-split folder keeps its own partition
+        clients, test = loaded.clients, loaded.test
+        if len(clients) != d.num_clients:
+            raise DataError(f"{d.source} holds {len(clients)} client files but data.num_clients is {d.num_clients}")
     else:
-        records = load_records_spec(
-            d.source,
-            category_field=d.category_field,
-            max_per_category=d.max_examples_per_category,
-            seed=config.seed,
-        )
-        clients, test = split_records(
-            records,
-            d.num_clients,
-            scheme=d.partition,
-            alpha=d.dirichlet_alpha,
-            category_field=d.category_field,
-            min_size=d.min_client_size,
-            holdout_per_category=d.holdout_per_category,
-            shards_per_client=d.shards_per_client,
-            seed=config.seed,
-        )
+        options: dict[str, object] = {"seed": config.seed, "holdout_per_category": d.holdout_per_category}
+        if d.partition == "dirichlet":
+            options.update(alpha=d.dirichlet_alpha, min_size=d.min_client_size)
+        elif d.partition == "shards":
+            options.update(shards_per_client=d.shards_per_client)
+        # records are normalised: their category (from data.category_field) is under "category"
+        clients, test = partition(loaded.records, d.partition, d.num_clients, **options)
     if d.max_examples_per_client is not None:
         clients = [c[: d.max_examples_per_client] for c in clients]
     for k, shard in enumerate(clients):
