@@ -21,7 +21,7 @@ venv: $(STAMP)
 
 ## The main job on the embedded default.
 run: $(STAMP)
-	$(VENV)/bin/fedlora demo
+	$(VENV)/bin/fedlora run default --overwrite
 
 ## The whole test suite (what CI runs).
 test: $(STAMP)

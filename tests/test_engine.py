@@ -265,3 +265,79 @@ def test_config_typo_is_an_error() -> None:
         load_config("tiny", ["federation.round=3"])
     with pytest.raises(ConfigError, match="unknown method 'florest'"):
         load_config("tiny", ["method.name=florest"])
+
+
+def test_overwrite_checks_inputs_before_touching_the_run(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path)
+    run_engine(config)
+    before = (Path(config.output_dir) / "metrics.jsonl").read_text()
+    bad = config.model_copy(update={"model": "no-such-model"})
+    with pytest.raises(ValueError, match="no-such-model"):
+        Engine(bad, overwrite=True, progress=False).run()
+    assert (Path(config.output_dir) / "metrics.jsonl").read_text() == before  # nothing lost
+    Engine(config, overwrite=True, progress=False).run()
+    assert [m["round"] for m in metrics(Path(config.output_dir))] == [0, 1]
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedlora.engine.state as state_module
+
+    config = tiny_config(tmp_path, "method.name=flora", "federation.rounds=2")
+    real_save = state_module.save_file
+    calls = {"n": 0}
+
+    def disk_full(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            real_save(tensors, path)
+            Path(path).write_bytes(b"\0" * 10)  # a torn write...
+            raise OSError("No space left on device")  # ...and the failure it causes
+        real_save(tensors, path)
+
+    monkeypatch.setattr(state_module, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        Engine(config, progress=False).run()
+    state = load_state(Path(config.output_dir))
+    assert state is not None and state.round == 1 and len(state.history) == 1
+    assert not list(Path(config.output_dir).glob(".checkpoint-*"))
+    monkeypatch.setattr(state_module, "save_file", real_save)
+    Engine(config, resume=True, progress=False).run()
+    assert load_state(Path(config.output_dir)).round == 2
+
+
+def test_resume_refuses_a_different_config(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path)
+    run_engine(config)
+    changed = config.model_copy(update={"seed": 7})
+    with pytest.raises(RunError, match=r"differs from the saved one in \['seed'\]"):
+        Engine(changed, resume=True, progress=False).run()
+
+
+@pytest.mark.integration
+def test_smollm2_round_and_export(tmp_path: Path) -> None:
+    """One FLoRIST round on the real SmolLM2 with the built-in commonsense data; the export reproduces it."""
+    config = load_config(
+        "default",
+        [
+            f"output_dir={tmp_path / 'run'}",
+            "data.num_clients=2",
+            "data.partition=iid",
+            "data.max_examples_per_category=4",
+            "data.holdout_per_category=1",
+            "data.cutoff_len=64",
+            "data.eval_examples=4",
+            "federation.rounds=1",
+            "train.max_steps=1",
+            "train.batch_size=2",
+            "train.micro_batch_size=2",
+        ],
+    )
+    engine = run_engine(config)
+    lines = metrics(engine.run_dir)
+    assert lines[1]["clients"][0]["num_examples"] > 0 and len(lines[1]["global_ranks"]) == 60  # 30 layers x q,v
+    ids = engine.tokenizer("Please answer the following question with true or false", return_tensors="pt").input_ids
+    expected = global_logits(engine, ids)
+    base = load_model("smollm2-135m-instruct").model
+    exported = PeftModel.from_pretrained(base, engine.run_dir / "adapter").eval()
+    with torch.no_grad():
+        assert torch.allclose(exported(input_ids=ids).logits, expected, atol=1e-5)

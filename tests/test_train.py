@@ -14,6 +14,7 @@ from fedlora.train import (
     StepLog,
     TrainingError,
     TrainSettings,
+    autocast_dtype,
     build_scheduler,
     epoch_order,
     evaluate_loss,
@@ -23,6 +24,15 @@ from fedlora.train import (
 
 PAD = 0
 PROMPT = 2  # the first tokens of every example are "prompt": label -100
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and do not stall when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # --- tiny model, data and collate ------------------------------------------------------------------------------
@@ -402,6 +412,17 @@ def test_devices():
     if not torch.backends.mps.is_available():
         with pytest.raises(TrainingError, match="MPS is not available"):
             select_device("mps")
+
+
+def test_mixed_precision_is_cuda_only():
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is None
+    assert autocast_dtype("no", cpu) is None
+    assert autocast_dtype("bf16", cpu) is None  # logged: runs in full precision
+    with pytest.raises(TrainingError, match="valid: auto, no, bf16, fp16"):
+        autocast_dtype("fp8", cpu)
+    if torch.cuda.is_available():
+        assert autocast_dtype("fp16", torch.device("cuda")) == torch.float16
 
 
 def test_bad_inputs_are_clear_errors():

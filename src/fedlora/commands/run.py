@@ -39,7 +39,12 @@ def parse_run_args(args: list[str]) -> RunConfig:
 
 def run(
     ctx: typer.Context,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in output_dir from its checkpoint.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in output_dir from its checkpoint.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the run in output_dir (after every input is checked).")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the config, train nothing.")] = False,
 ) -> None:
@@ -55,7 +60,7 @@ def run(
     from fedlora.engine.local import run as run_engine  # heavy imports only when training
 
     try:
-        summary = run_engine(config, resume=resume, progress=not quiet)
+        summary = run_engine(config, resume=resume, overwrite=overwrite, progress=not quiet)
     except ValueError as err:
         _fail(str(err))
     table = Table(title=f"fedlora run: {summary.run_dir}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 import zlib
 from collections.abc import Iterator
@@ -46,6 +47,7 @@ from fedlora.models import load_model
 from fedlora.train import evaluate_loss, select_device, train_client
 
 log = logging.getLogger("fedlora")
+RUN_FILES = ("metrics.jsonl", "checkpoint", ".checkpoint-old", "adapter", "config.yaml")
 
 
 class RunError(ValueError):
@@ -98,9 +100,14 @@ def payload_params(method: Method, factors: ClientFactors) -> int:
 class Engine:
     """One federated run. ``Engine(config).run()``; ``resume=True`` continues from the run folder's checkpoint."""
 
-    def __init__(self, config: RunConfig, *, resume: bool = False, progress: bool = True) -> None:
+    def __init__(
+        self, config: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True
+    ) -> None:
+        if resume and overwrite:
+            raise RunError("--resume continues a run and --overwrite replaces it: choose one")
         self.config = config
         self.resume = resume
+        self.overwrite = overwrite
         self.show_progress = progress
         self.run_dir = Path(config.output_dir)
         self.method = get_method(config.method.name, **config.method.options())
@@ -122,20 +129,25 @@ class Engine:
         ranks = [cfg.lora.rank_of(k) for k in range(cfg.data.num_clients)]
         self.shapes = check_targets(self.model, cfg.lora.target_modules, max(ranks))
         self.host = LoraHost(self.model, cfg.lora.target_modules, cfg.lora.dropout)
+        # Only now, with every input checked, touch the run folder.
+        if self.overwrite:
+            for name in RUN_FILES:
+                path = self.run_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     def _prepare_run_dir(self) -> None:
         has_run = (self.run_dir / "metrics.jsonl").exists() or (self.run_dir / "checkpoint").exists()
-        if has_run and not self.resume:
+        if has_run and not (self.resume or self.overwrite):
             raise RunError(
-                f"run folder {self.run_dir} already holds a run; pass --resume to continue it, or choose another "
-                "output_dir"
+                f"run folder {self.run_dir} already holds a run; pass --resume to continue it, --overwrite to replace "
+                "it, or choose another output_dir"
             )
         if self.resume and not has_run:
             raise RunError(f"nothing to resume in {self.run_dir}: no checkpoint found")
         if self.resume:
             self._check_same_config()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _check_same_config(self) -> None:
         """A resumed run must be the same run: only the number of rounds may grow."""
@@ -396,6 +408,5 @@ class Engine:
         )
 
 
-def run(config: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSummary:
-    return Engine(config, resume=resume, progress=progress).run()
-
+def run(config: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> RunSummary:
+    return Engine(config, resume=resume, overwrite=overwrite, progress=progress).run()
