@@ -168,9 +168,6 @@ class LoraHost:
             for module, layer in self.layers().items()
         }
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
     # ------------------------------------------------------------------------------------------ base
 
     def base_linear(self, module: str) -> nn.Linear:
@@ -189,8 +186,3 @@ class LoraHost:
                 weight = self.base_linear(module).weight
                 delta = B.to(weight.device, torch.float32) @ A.to(weight.device, torch.float32)
                 weight.add_(delta.to(weight.dtype))
-
-    def base_state(self) -> dict[str, Tensor]:
-        """Copies of the targeted base weights (tests compare them before and after a merge)."""
-        names = self.layers() or {n for n, _ in self.base.named_modules()}
-        return {n: self.base_linear(n).weight.detach().clone() for n in names if n in self.layers()}

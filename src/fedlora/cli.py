@@ -6,6 +6,7 @@ import typer
 
 from fedlora import __version__
 from fedlora.commands import aggregate, comm, run, split
+from fedlora.commands import eval as eval_
 
 app = typer.Typer(
     name="fedlora",
@@ -18,6 +19,7 @@ app = typer.Typer(
 app.command("aggregate")(aggregate.aggregate)
 app.command("comm")(comm.comm)
 app.command("split")(split.split)
+app.command("eval", help=eval_.EVAL_HELP)(eval_.eval_)
 app.command(
     "run",
     help=run.RUN_HELP,

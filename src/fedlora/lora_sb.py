@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: Extra columns of the randomised SVD's sketch beyond the rank, and its power iterations.
 DEFAULT_OVERSAMPLING = 10
-DEFAULT_NITER = 6
+DEFAULT_NITER = 8
 
 
 class LoraSBError(ValueError):
@@ -55,9 +55,10 @@ class LoraSBError(ValueError):
 class LoraSBLinear(nn.Module):
     """A frozen ``nn.Linear`` plus ``s * B R A``: ``B`` and ``A`` frozen buffers, ``R`` the only parameter.
 
-    The base layer is frozen. The adapter is applied as ``((x @ A^T) @ R^T) @ B^T`` (never the m x n product). Adapters of a half-precision
-    base are kept in float32, as PEFT does. ``disabled`` skips the adapter (evaluation of the base);
-    ``merge()`` adds ``s B R A`` to the base weight and skips the adapter until ``unmerge()``.
+    The base layer is frozen. The adapter is applied as ``((x @ A^T) @ R^T) @ B^T`` (never the m x n product).
+    Adapters of a half-precision base are kept in float32, as PEFT does. ``disabled`` skips the adapter
+    (evaluation of the base); ``merge()`` adds ``s B R A`` to the base weight and skips the adapter until
+    ``unmerge()``.
     """
 
     def __init__(
@@ -242,10 +243,8 @@ class LoraSBHost:
         require grad. ``scaling`` (default 1, or the value of the previous call) and ``dropout`` apply to every
         layer.
         """
-        if scaling is not None:
-            if not (math.isfinite(scaling) and scaling != 0):
-                raise LoraSBError(f"LoRA-SB scaling must be a finite non-zero number, got {scaling!r}")
-            self.scaling = float(scaling)
+        if scaling is not None and not (math.isfinite(scaling) and scaling != 0):
+            raise LoraSBError(f"LoRA-SB scaling must be a finite non-zero number, got {scaling!r}")
         drop = self.dropout if dropout is None else dropout
         if not 0.0 <= drop < 1.0:
             raise LoraSBError(f"LoRA-SB dropout must be in [0, 1), got {drop!r}")
@@ -253,6 +252,10 @@ class LoraSBHost:
             raise LoraSBError("the first LoRA-SB install needs init (B, A and R per module, e.g. init_from_gradient)")
         if init is not None:
             self._set_init(init.factors if isinstance(init, SBInit) else init, drop)
+        if start is not None:
+            self._check_R(start)  # before anything changes: a bad start leaves the host as it was
+        if scaling is not None:
+            self.scaling = float(scaling)
         for layer in self.layers().values():
             layer.scaling = self.scaling
             layer.dropout = nn.Dropout(drop) if drop > 0 else nn.Identity()
@@ -302,19 +305,27 @@ class LoraSBHost:
 
     def set_R(self, R: Mapping[str, Tensor]) -> None:
         """Load folded ``R`` per module (divided by the layers' scaling); every layer must get one."""
+        layers = self._check_R(R)
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.R.copy_(R[name].to(layer.R.dtype) / layer.scaling)
+
+    def _check_R(self, R: Mapping[str, Tensor]) -> dict[str, LoraSBLinear]:
+        """One finite r x r matrix per layer, no other names, no merged layer; returns the layers."""
         layers = self.layers()
         missing = sorted(set(layers) - set(R))
         extra = sorted(set(R) - set(layers))
         if missing or extra:
             raise LoraSBError(f"LoRA-SB R: missing modules {missing[:3]}, unknown modules {extra[:3]}")
-        with torch.no_grad():
-            for name, layer in layers.items():
-                value = R[name]
-                if tuple(value.shape) != tuple(layer.R.shape):
-                    raise LoraSBError(f"module {name!r}: R is {tuple(value.shape)}, expected {tuple(layer.R.shape)}")
-                if not torch.isfinite(value).all():
-                    raise LoraSBError(f"module {name!r}: R contains NaN or Inf")
-                layer.R.copy_(value.to(layer.R.dtype) / layer.scaling)
+        for name, layer in layers.items():
+            value = R[name]
+            if tuple(value.shape) != tuple(layer.R.shape):
+                raise LoraSBError(f"module {name!r}: R is {tuple(value.shape)}, expected {tuple(layer.R.shape)}")
+            if not torch.isfinite(value).all():
+                raise LoraSBError(f"module {name!r}: R contains NaN or Inf")
+            if layer.merged:
+                raise LoraSBError(f"module {name!r}: the LoRA-SB adapter is merged into its weight; unmerge it first")
+        return layers
 
     def factors(self) -> dict[str, ClientFactors]:
         """Detached CPU copies of every layer's ``B``, ``A``, ``R`` and scaling (a Fed-SB client's upload)."""
@@ -449,8 +460,10 @@ def init_from_gradient(
 
     ``learning_rate`` is ``eta``, the first step's learning rate. The SVD is ``torch.svd_lowrank`` with
     ``q = rank + oversampling`` (capped by the shape) and ``niter`` power iterations, seeded per module from
-    ``seed``; the caller's RNG state is left unchanged. The model's weights, ``requires_grad`` flags, gradients
-    and train/eval mode are restored; each module's gradient is turned into its factors and freed in turn.
+    ``seed``; the caller's RNG state is left unchanged. ``weights`` apply to ``federated`` only (pooled data is
+    weighted by its examples). The model's weights, ``requires_grad`` flags and train/eval mode are restored;
+    each module's gradient is turned into its factors and freed in turn, so the target weights end without
+    ``.grad`` (other parameters' gradients are not touched).
     """
     start = time.perf_counter()
     if mode not in INIT_MODES:
@@ -477,9 +490,13 @@ def init_from_gradient(
         batches, used, p = _estimate_plan(examples_by_client, mode, num_samples, weights)
         _accumulate_gradients(model, linears, batches, collate_fn, micro_batch_size)
         factors = {}
-        with torch.no_grad():
-            for name, linear in linears.items():
-                factors[name] = _sign_svd_factors(name, linear, rank, learning_rate, seed, oversampling, niter)
+        try:
+            with torch.no_grad():
+                for name, linear in linears.items():
+                    factors[name] = _sign_svd_factors(name, linear, rank, learning_rate, seed, oversampling, niter)
+        finally:
+            for linear in linears.values():
+                linear.weight.grad = None
     init = SBInit(
         factors=factors,
         mode=mode,
@@ -627,7 +644,5 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Seed the global RNG (which ``torch.svd_lowrank`` draws from) without changing the caller's state."""
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        if device.type == "cuda":
-            torch.cuda.manual_seed(seed)
+        torch.manual_seed(seed)  # seeds CUDA too
         yield

