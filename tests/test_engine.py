@@ -64,7 +64,7 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-HOMOGENEOUS = ["fedit", "flora", "florist", "flexlora", "ffa", "fedex"]
+HOMOGENEOUS = ["fedit", "flora", "florist", "flexlora", "ffa", "fedex", "fedsb"]
 HETEROGENEOUS = ["fedit", "flora", "florist", "flexlora"]
 
 
@@ -136,7 +136,7 @@ def global_logits(engine: Engine, input_ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=input_ids).logits
 
 
-@pytest.mark.parametrize("method", ["florist", "fedit", "fedex", "ffa", "flexlora"])
+@pytest.mark.parametrize("method", ["florist", "fedit", "fedex", "ffa", "flexlora", "fedsb", "flora"])
 def test_exported_adapter_reproduces_global_model(tmp_path: Path, method: str) -> None:
     engine = run_engine(tiny_config(tmp_path, f"method.name={method}", "federation.rounds=2"))
     ids = torch.tensor([[1, 5, 9, 30, 44, 2, 7, 80]])
@@ -341,3 +341,62 @@ def test_smollm2_round_and_export(tmp_path: Path) -> None:
     exported = PeftModel.from_pretrained(base, engine.run_dir / "adapter").eval()
     with torch.no_grad():
         assert torch.allclose(exported(input_ids=ids).logits, expected, atol=1e-5)
+
+
+def test_fedsb_averages_only_each_rounds_clients(tmp_path: Path) -> None:
+    """Two rounds with half the clients each: round t averages exactly round t's R_k (the reference's bug)."""
+    config = tiny_config(
+        tmp_path, "method.name=fedsb", "federation.rounds=2", "federation.client_fraction=0.5", clients=4
+    )
+    engine = Engine(config, progress=False)
+    calls: dict[str, list] = {}
+    real = engine.method.aggregate
+
+    def capture(clients, weights, module="module"):
+        calls.setdefault(module, []).append((list(clients), list(weights)))
+        return real(clients, weights, module)
+
+    engine.method.aggregate = capture  # type: ignore[method-assign]
+    engine.run()
+    state = load_state(engine.run_dir)
+    for module, rounds in calls.items():
+        assert [len(c) for c, _ in rounds] == [2, 2]
+        clients, weights = rounds[-1]
+        p = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+        expected = sum(float(pk) * c.R.double() for pk, c in zip(p, clients, strict=True))
+        assert torch.allclose(state.global_R[module].double(), expected, atol=1e-6)
+        B, A = state.frozen[module]
+        assert all(torch.equal(c.B, B) and torch.equal(c.A, A) for c, _ in [(c, 0) for c in clients])
+    selected = [m["selected"] for m in metrics(engine.run_dir)[1:]]
+    assert all(len(s) == 2 for s in selected)
+    for m in metrics(engine.run_dir)[1:]:
+        r = config.lora.r
+        assert all(c["uplink_params"] == len(calls) * r * r for c in m["clients"])
+
+
+@pytest.mark.parametrize(
+    ("mode", "uplink", "flag"), [("federated", True, False), ("pooled", False, True), ("seeded", False, False)]
+)
+def test_fedsb_init_modes_are_recorded(tmp_path: Path, mode: str, uplink: bool, flag: bool) -> None:
+    engine = run_engine(tiny_config(tmp_path, "method.name=fedsb", f"method.init_mode={mode}", "method.init_samples=4"))
+    first = metrics(engine.run_dir)[0]
+    assert first["fedsb_init"]["mode"] == mode
+    assert first["fedsb_init"]["non_federated"] is flag
+    assert (first["uplink_bytes"] > 0) is uplink
+    assert (first["downlink_bytes"] > 0) is (mode != "seeded")
+
+
+def test_fedsb_rejects_mixed_ranks(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"fedsb.*needs one rank"):
+        tiny_config(tmp_path, "method.name=fedsb", "lora.heterogeneous=true", "lora.local_ranks=[4,2,2]")
+
+
+def test_fedsb_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    straight = run_engine(tiny_config(tmp_path / "a", "method.name=fedsb", "federation.rounds=2"))
+    config = tiny_config(tmp_path / "b", "method.name=fedsb", "federation.rounds=1")
+    run_engine(config)
+    longer = config.model_copy(update={"federation": config.federation.model_copy(update={"rounds": 2})})
+    resumed = Engine(longer, resume=True, progress=False)
+    resumed.run()
+    a, b = load_state(straight.run_dir), load_state(resumed.run_dir)
+    assert all(torch.equal(a.global_R[n], b.global_R[n]) for n in a.global_R)

@@ -8,7 +8,8 @@ global update to the frozen weights. Module names are the names inside the base 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -167,6 +168,15 @@ class LoraHost:
             )
             for module, layer in self.layers().items()
         }
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[nn.Module]:
+        """The base model (with any merges) without the current adapter; yields the model to run."""
+        if self.peft is None:
+            yield self.base
+        else:
+            with self.peft.disable_adapter():
+                yield self.peft
 
     # ------------------------------------------------------------------------------------------ base
 

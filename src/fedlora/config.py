@@ -33,6 +33,12 @@ class MethodConfig(Strict):
     name: str = Field("florist", description=f"aggregation method: {', '.join(METHODS)}")
     threshold: float = Field(0.9, gt=0, le=1, description="FLoRIST energy threshold tau in (0, 1]")
     max_rank: int | None = Field(None, ge=1, description="cap on the global rank (florist, flexlora)")
+    init_mode: Literal["federated", "pooled", "seeded"] = Field(
+        "federated",
+        description="fedsb: how clients agree on B and A: federated (each client sends its gradient estimate "
+        "once), pooled (the reference: gradient on all clients' pooled data, NOT federated), seeded (random)",
+    )
+    init_samples: int = Field(170, ge=1, description="fedsb: examples per client for the gradient estimate")
 
     @model_validator(mode="after")
     def _known(self) -> MethodConfig:

@@ -41,6 +41,7 @@ from fedlora.comm import DTYPE_BYTES
 from fedlora.config import RunConfig
 from fedlora.engine.data import ClientData, prepare_data
 from fedlora.engine.state import Factors, ServerState, load_state, save_state
+from fedlora.lora_sb import LoraSBHost, SBInit, init_from_gradient
 from fedlora.lowrank import ClientFactors
 from fedlora.methods import Method, ModuleUpdate, get_method
 from fedlora.models import load_model
@@ -91,9 +92,11 @@ def truncate(factors: tuple[Tensor, Tensor], rank: int) -> tuple[Tensor, Tensor]
 
 
 def payload_params(method: Method, factors: ClientFactors) -> int:
-    """Parameters a client sends up for one module: only B for FFA-LoRA (A is frozen and shared)."""
+    """Parameters a client sends up for one module: only B for FFA-LoRA, only R for Fed-SB."""
     if method.name == "ffa":
         return factors.B.numel()
+    if factors.R is not None:  # Fed-SB: only R travels
+        return factors.R.numel()
     return factors.B.numel() + factors.A.numel()
 
 
@@ -111,7 +114,9 @@ class Engine:
         self.show_progress = progress
         self.run_dir = Path(config.output_dir)
         self.method = get_method(config.method.name, **config.method.options())
+        self.is_sb = self.method.name == "fedsb"  # LoRA-SB adapters: only R trains and travels
         self.bytes_per_value = DTYPE_BYTES[config.comm_dtype]
+        self.sb_init: SBInit | None = None
 
     # ---------------------------------------------------------------------------------------------- set-up
 
@@ -128,7 +133,11 @@ class Engine:
         self.data: ClientData = prepare_data(cfg, self.tokenizer)
         ranks = [cfg.lora.rank_of(k) for k in range(cfg.data.num_clients)]
         self.shapes = check_targets(self.model, cfg.lora.target_modules, max(ranks))
-        self.host = LoraHost(self.model, cfg.lora.target_modules, cfg.lora.dropout)
+        self.host = (
+            LoraSBHost(self.model, cfg.lora.target_modules, cfg.lora.dropout)
+            if self.is_sb
+            else LoraHost(self.model, cfg.lora.target_modules, cfg.lora.dropout)
+        )
         # Only now, with every input checked, touch the run folder.
         if self.overwrite:
             for name in RUN_FILES:
@@ -173,8 +182,16 @@ class Engine:
         cfg = self.config
         state = self._initial_state()
         metrics = self._metrics_so_far(state.round)
-        if state.round == 0 and cfg.eval.base and not any(m["round"] == 0 for m in metrics):
-            metrics.append(self._write_metrics({"round": 0, "eval": self._evaluate(state)}))
+        if state.round == 0 and not any(m["round"] == 0 for m in metrics):
+            record: dict[str, Any] = {"round": 0}
+            if cfg.eval.base:
+                record["eval"] = self._evaluate(state)
+            if self.sb_init is not None:  # Fed-SB's one-time agreement on B and A
+                record["fedsb_init"] = self.sb_init.record()
+                K = cfg.data.num_clients
+                record["uplink_bytes"] = self.sb_init.uplink_params_per_client * K * self.bytes_per_value
+                record["downlink_bytes"] = self.sb_init.downlink_params_per_client * K * self.bytes_per_value
+            metrics.append(self._write_metrics(record))
 
         with self._progress() as progress:
             rounds_bar = progress.add_task("rounds", total=cfg.federation.rounds, completed=state.round)
@@ -226,9 +243,7 @@ class Engine:
             progress.advance(clients_bar)
         progress.remove_task(clients_bar)
 
-        weights = (
-            [len(data.clients[k]) for k in selected] if cfg.federation.weighting == "data" else [1.0] * len(selected)
-        )
+        weights = self._weights(selected)
         updates = {name: self.method.aggregate([u[name] for u in uploads], weights, module=name) for name in uploads[0]}
         self._apply(updates, state)
         down = self._downlink_params(updates, state)
@@ -259,9 +274,15 @@ class Engine:
                 raise RunError(f"nothing to resume in {self.run_dir}: no complete checkpoint")
             for step in state.history:  # replay the merges in order: bit-identical base weights
                 self.host.merge_into_base(step)
+            if self.is_sb:
+                self.host.install(
+                    {n: ClientFactors(B, A, 1.0, state.global_R[n]) for n, (B, A) in state.frozen.items()}
+                )
             log.info("resuming %s after round %d", self.run_dir, state.round)
             return state
         state = ServerState()
+        if self.is_sb:
+            return self._initial_sb_state(state)
         if not self.method.merges_into_base:
             # All clients start round 1 from the same PEFT-initialised adapter (the seeds' global model).
             r_max = max(self.config.lora.rank_of(k) for k in range(self.config.data.num_clients))
@@ -269,7 +290,40 @@ class Engine:
             state.global_adapter = {n: (f.scaled_B(), f.A) for n, f in self.host.factors().items()}
         return state
 
+    def _initial_sb_state(self, state: ServerState) -> ServerState:
+        """Fed-SB: B, A and R from a gradient estimate (or a seed), shared by every client for the whole run."""
+        cfg = self.config
+        mode = cfg.method.init_mode
+        if mode == "pooled":
+            log.warning("fedsb init_mode=pooled computes B and A on the pooled data of all clients: NOT federated")
+        self.sb_init = init_from_gradient(
+            self.model,
+            self.data.clients,
+            self.data.collate,
+            cfg.lora.target_modules,
+            cfg.lora.r,
+            learning_rate=cfg.train.learning_rate,
+            mode=mode,
+            num_samples=cfg.method.init_samples,
+            seed=mix_seed(cfg.seed, "fedsb-init"),
+            weights=self._weights(range(cfg.data.num_clients)),
+            micro_batch_size=cfg.train.micro_batch_size,
+        )
+        self.host.install(self.sb_init)
+        state.frozen = {n: (f.B, f.A) for n, f in self.sb_init.factors.items()}
+        state.global_R = {n: f.R * f.scaling for n, f in self.sb_init.factors.items()}
+        state.global_adapter = self.host.export_factors()
+        return state
+
+    def _weights(self, clients) -> list[float]:
+        if self.config.federation.weighting == "uniform":
+            return [1.0 for _ in clients]
+        return [float(len(self.data.clients[k])) for k in clients]
+
     def _install_client(self, k: int, round_: int, state: ServerState) -> None:
+        if self.is_sb:  # every client starts from the shared B, A and the global R
+            self.host.install(start=state.global_R)
+            return
         lora = self.config.lora
         rank, alpha = lora.rank_of(k), lora.alpha_of(k)
         start = None
@@ -290,6 +344,8 @@ class Engine:
             self.host.merge_into_base(step)
             state.history.append(step)
             return
+        if self.is_sb:  # only this round's clients' R are averaged (the reference's stale-list bug avoided)
+            state.global_R = {name: u.R for name, u in updates.items()}
         residual = {name: u.residual for name, u in updates.items() if u.residual is not None}
         if residual:  # FedEx-LoRA: the exactness correction goes into the frozen weights
             self.host.merge_into_base(residual)
@@ -304,7 +360,9 @@ class Engine:
             total = 0
             for u in updates.values():
                 m, n = u.B.shape[0], u.A.shape[1]
-                if self.method.merges_into_base:
+                if self.is_sb:
+                    total += u.R.numel()
+                elif self.method.merges_into_base:
                     total += u.rank * (m + n)
                 elif self.method.name == "ffa":
                     total += u.B.numel()
@@ -331,17 +389,18 @@ class Engine:
 
     @contextmanager
     def _global_model(self, state: ServerState) -> Iterator[torch.nn.Module]:
-        """The global model: base (with merges) plus the global adapter installed, or adapters disabled."""
+        """The global model: before round 1 the base model; then base (with merges) plus the global adapter."""
         host = self.host
-        if state.global_adapter is not None:
+        if state.round == 0 or (state.global_adapter is None and not self.is_sb):  # base, or merged FLoRA(IST)
+            with host.disable_adapter() as model:
+                yield model
+        elif self.is_sb:
+            host.install(start=state.global_R, dropout=0.0)
+            yield host.model
+        elif state.global_adapter is not None:
             ranks = {n: max(1, A.shape[0]) for n, (_, A) in state.global_adapter.items()}
             host.install(ranks, start={n: truncate(f, ranks[n]) for n, f in state.global_adapter.items()}, dropout=0.0)
             yield host.model
-        elif host.peft is None:
-            yield host.base
-        else:
-            with host.peft.disable_adapter():
-                yield host.model
 
     # ------------------------------------------------------------------------------ metrics, export
 
@@ -391,8 +450,8 @@ class Engine:
             rounds=len(rounds),
             eval_before=before,
             eval_after=after,
-            uplink_bytes=sum(m["uplink_bytes"] for m in rounds),
-            downlink_bytes=sum(m["downlink_bytes"] for m in rounds),
+            uplink_bytes=sum(m.get("uplink_bytes", 0) for m in metrics),
+            downlink_bytes=sum(m.get("downlink_bytes", 0) for m in metrics),
             seconds=seconds,
             global_ranks=rounds[-1].get("global_ranks", {}) if rounds else {},
         )
