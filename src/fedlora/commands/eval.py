@@ -74,6 +74,7 @@ def eval_(
     ] = None,
 ) -> None:
     """Evaluate a model (and adapter) on MMLU, commonsense, GSM8K, MATH or local files."""
+    from fedlora.data import DataError, get_template
     from fedlora.evaluate import EvalError, evaluate, resolve_tasks, task_scorers, valid_task_names
 
     if export_lm_eval is not None:
@@ -92,7 +93,9 @@ def eval_(
         _fail(f"--adapter {str(adapter)!r} is not a PEFT adapter folder (no adapter_config.json)", code=2)
     try:
         names = resolve_tasks(tasks)
-    except EvalError as err:
+        if template is not None:
+            get_template(template)
+    except (EvalError, DataError) as err:
         _fail(str(err), code=2)
     try:
         for name in names:  # reads local files now: a bad file fails before the model loads

@@ -25,7 +25,6 @@ is a sample of ``softmax(logits)``), so a prompt's sample does not depend on the
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -388,7 +387,3 @@ def pad_token_id(tokenizer: Any) -> int:
         if value is not None:
             return int(value)
     raise EvalError("the tokenizer has neither a pad token nor an eos token; set tokenizer.pad_token")
-
-
-def mean_or_nan(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
