@@ -400,3 +400,27 @@ def test_fedsb_resume_equals_uninterrupted(tmp_path: Path) -> None:
     resumed.run()
     a, b = load_state(straight.run_dir), load_state(resumed.run_dir)
     assert all(torch.equal(a.global_R[n], b.global_R[n]) for n in a.global_R)
+
+
+def test_task_accuracy_before_and_after(tmp_path: Path) -> None:
+    questions = tmp_path / "quiz.jsonl"
+    questions.write_text(
+        "\n".join(
+            json.dumps({"question": f"Which word comes first: {a} or {b}?", "choices": [a, b], "answer": 0})
+            for a, b in [("alpha", "beta"), ("gamma", "delta"), ("eta", "theta")]
+        )
+    )
+    engine = run_engine(tiny_config(tmp_path, f"eval.tasks=[{questions}]", "eval.batch_size=2"))
+    lines = metrics(engine.run_dir)
+    for line in (lines[0], lines[-1]):
+        task = line["eval"]["tasks"][str(questions)]
+        assert task["num_questions"] == 3 and 0.0 <= task["accuracy"] <= 1.0 and task["scorer"] == "loglik"
+        assert line["eval"]["accuracy"] == task["accuracy"]
+
+
+def test_unknown_eval_task_fails_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedlora.engine.local as local
+
+    monkeypatch.setattr(local, "train_client", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(ValueError, match="unknown task 'mmlx'"):
+        Engine(tiny_config(tmp_path, "eval.tasks=[mmlx]"), progress=False).run()

@@ -102,6 +102,12 @@ class EvalConfig(Strict):
     base: bool = Field(True, description="evaluate the base model before round 1")
     every: int = Field(1, ge=0, description="evaluate the global model every this many rounds (0: last only)")
     batch_size: int = Field(8, ge=1)
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="task accuracy besides the held-out loss: mmlu, boolq, piqa, ... (fedlora eval)",
+    )
+    limit: int | None = Field(None, ge=1, description="the first N questions of every task (of every MMLU subject)")
+    scorer: Literal["loglik", "generate"] | None = Field(None, description="None: each task's default scorer")
 
 
 class RunConfig(Strict):

@@ -64,14 +64,19 @@ def run(
     except ValueError as err:
         _fail(str(err))
     table = Table(title=f"fedlora run: {summary.run_dir}")
-    for col in ("method", "rounds", "eval loss before", "eval loss after", "uplink", "downlink", "wall time"):
+    columns = ["method", "rounds", "eval loss before", "eval loss after"]
+    if summary.accuracy_before is not None or summary.accuracy_after is not None:
+        columns += ["accuracy before", "accuracy after"]
+    for col in (*columns, "uplink", "downlink", "wall time"):
         table.add_column(col, justify="right")
     fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+    accuracy = [fmt(summary.accuracy_before), fmt(summary.accuracy_after)] if len(columns) > 4 else []
     table.add_row(
         summary.method,
         str(summary.rounds),
         fmt(summary.eval_before),
         fmt(summary.eval_after),
+        *accuracy,
         f"{summary.uplink_bytes / 1e6:.2f} MB",
         f"{summary.downlink_bytes / 1e6:.2f} MB",
         f"{summary.seconds:.1f} s",

@@ -41,6 +41,7 @@ from fedlora.comm import DTYPE_BYTES
 from fedlora.config import RunConfig
 from fedlora.engine.data import ClientData, prepare_data
 from fedlora.engine.state import Factors, ServerState, load_state, save_state
+from fedlora.evaluate import evaluate, resolve_tasks
 from fedlora.lora_sb import LoraSBHost, SBInit, init_from_gradient
 from fedlora.lowrank import ClientFactors
 from fedlora.methods import Method, ModuleUpdate, get_method
@@ -66,6 +67,8 @@ class RunSummary:
     downlink_bytes: int
     seconds: float
     global_ranks: dict[str, int] = field(default_factory=dict)
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
 
 
 def mix_seed(*parts: int | str) -> int:
@@ -131,6 +134,8 @@ class Engine:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.data: ClientData = prepare_data(cfg, self.tokenizer)
+        if cfg.eval.tasks:
+            resolve_tasks(cfg.eval.tasks)  # unknown task names fail now, not after training
         ranks = [cfg.lora.rank_of(k) for k in range(cfg.data.num_clients)]
         self.shapes = check_targets(self.model, cfg.lora.target_modules, max(ranks))
         self.host = (
@@ -379,13 +384,29 @@ class Engine:
         every = self.config.eval.every
         return round_ == self.config.federation.rounds or (every > 0 and round_ % every == 0)
 
-    def _evaluate(self, state: ServerState) -> dict[str, float]:
-        """Held-out loss of the current global model (base + merges + global adapter)."""
-        if not self.data.eval_examples:
-            return {}
+    def _evaluate(self, state: ServerState) -> dict[str, Any]:
+        """Held-out loss and task accuracy of the current global model (base + merges + global adapter)."""
+        cfg = self.config.eval
+        out: dict[str, Any] = {}
+        if not self.data.eval_examples and not cfg.tasks:
+            return out
         with self._global_model(state) as model:
-            loss = evaluate_loss(model, self.data.eval_examples, self.data.collate, self.config.eval.batch_size)
-        return {"eval_loss": loss}
+            if self.data.eval_examples:
+                out["eval_loss"] = evaluate_loss(model, self.data.eval_examples, self.data.collate, cfg.batch_size)
+            if cfg.tasks:
+                results = evaluate(
+                    model,
+                    self.tokenizer,
+                    cfg.tasks,
+                    limit=cfg.limit,
+                    scorer=cfg.scorer,
+                    batch_size=cfg.batch_size,
+                    template=self.config.data.template,
+                    seed=self.config.seed,
+                )
+                out["tasks"] = {name: r.to_dict() for name, r in results.items()}
+                out["accuracy"] = sum(r.accuracy for r in results.values()) / len(results)
+        return out
 
     @contextmanager
     def _global_model(self, state: ServerState) -> Iterator[torch.nn.Module]:
@@ -442,14 +463,16 @@ class Engine:
     def _summary(self, metrics: list[dict[str, Any]], seconds: float) -> RunSummary:
         rounds = [m for m in metrics if m["round"] > 0]
         evals = [m for m in metrics if m.get("eval")]
-        before = next((m["eval"].get("eval_loss") for m in metrics if m["round"] == 0 and m.get("eval")), None)
-        after = evals[-1]["eval"].get("eval_loss") if evals and evals[-1]["round"] > 0 else None
+        first = next((m["eval"] for m in metrics if m["round"] == 0 and m.get("eval")), {})
+        last = evals[-1]["eval"] if evals and evals[-1]["round"] > 0 else {}
         return RunSummary(
             run_dir=self.run_dir,
             method=self.method.name,
             rounds=len(rounds),
-            eval_before=before,
-            eval_after=after,
+            eval_before=first.get("eval_loss"),
+            eval_after=last.get("eval_loss"),
+            accuracy_before=first.get("accuracy"),
+            accuracy_after=last.get("accuracy"),
             uplink_bytes=sum(m.get("uplink_bytes", 0) for m in metrics),
             downlink_bytes=sum(m.get("downlink_bytes", 0) for m in metrics),
             seconds=seconds,
