@@ -340,7 +340,10 @@ def test_smollm2_round_and_export(tmp_path: Path) -> None:
     base = load_model("smollm2-135m-instruct").model
     exported = PeftModel.from_pretrained(base, engine.run_dir / "adapter").eval()
     with torch.no_grad():
-        assert torch.allclose(exported(input_ids=ids).logits, expected, atol=1e-5)
+        got = exported(input_ids=ids).logits
+    # The engine merged the round into W0 ((W0 + BA) x); PEFT computes W0 x + B (A x): float32 rounding through 30
+    # layers leaves ~1e-5 of the logits' scale (the tiny-model tests hold atol 1e-5 exactly).
+    assert float((got - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
 
 
 def test_fedsb_averages_only_each_rounds_clients(tmp_path: Path) -> None:
