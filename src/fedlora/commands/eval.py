@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from enum import StrEnum
 from pathlib import Path
@@ -239,15 +238,14 @@ def _export(folder: Path, tasks: str | None, template: str | None) -> None:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write beside the target, then rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
+        tmp.write_text(json.dumps(payload, indent=2))
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
