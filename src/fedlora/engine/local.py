@@ -213,41 +213,64 @@ class Engine:
         return self._summary(metrics, time.perf_counter() - start)
 
     def _run_round(self, round_: int, state: ServerState, progress: Progress) -> dict[str, Any]:
-        cfg, data = self.config, self.data
+        cfg = self.config
         selected = select_clients(cfg.data.num_clients, cfg.federation.client_fraction, cfg.seed, round_)
         clients_bar = progress.add_task(f"round {round_}: clients", total=len(selected))
         uploads: list[dict[str, ClientFactors]] = []
         client_records = []
         for k in selected:
-            self._install_client(k, round_, state)
-            settings = cfg.train.model_copy(update={"seed": mix_seed(cfg.seed, "train", round_, k)})
-            result = train_client(
-                self.host.model,
-                data.clients[k],
-                settings,
-                data.collate,
-                device=self.device,
-                progress=progress if self.show_progress else None,
-                desc=f"client {k}",
-            )
-            factors = self.host.factors()
+            factors, client_record = self.client_update(k, round_, state, progress)
             uploads.append(factors)
-            up = sum(payload_params(self.method, f) for f in factors.values())
-            client_records.append(
-                {
-                    "id": k,
-                    "num_examples": len(data.clients[k]),
-                    "rank": cfg.lora.rank_of(k),
-                    "train_loss": result.loss,
-                    "steps": result.steps,
-                    "tokens_per_second": result.tokens_per_second,
-                    "uplink_params": up,
-                    "uplink_bytes": up * self.bytes_per_value,
-                }
-            )
+            client_records.append(client_record)
             progress.advance(clients_bar)
         progress.remove_task(clients_bar)
+        return self.server_update(round_, state, client_records, uploads)
 
+    def client_update(
+        self, k: int, round_: int, state: ServerState, progress: Progress | None = None
+    ) -> tuple[dict[str, ClientFactors], dict[str, Any]]:
+        """Client ``k``'s part of a round: start from the global state, train locally, return its upload.
+
+        The upload is the client's factors per module; the record is its line in ``metrics.jsonl``.
+        """
+        cfg, data = self.config, self.data
+        self._install_client(k, round_, state)
+        settings = cfg.train.model_copy(update={"seed": mix_seed(cfg.seed, "train", round_, k)})
+        result = train_client(
+            self.host.model,
+            data.clients[k],
+            settings,
+            data.collate,
+            device=self.device,
+            progress=progress if self.show_progress else None,
+            desc=f"client {k}",
+        )
+        factors = self.host.factors()
+        up = sum(payload_params(self.method, f) for f in factors.values())
+        record = {
+            "id": k,
+            "num_examples": len(data.clients[k]),
+            "rank": cfg.lora.rank_of(k),
+            "train_loss": result.loss,
+            "steps": result.steps,
+            "tokens_per_second": result.tokens_per_second,
+            "uplink_params": up,
+            "uplink_bytes": up * self.bytes_per_value,
+        }
+        return factors, record
+
+    def server_update(
+        self,
+        round_: int,
+        state: ServerState,
+        client_records: list[dict[str, Any]],
+        uploads: list[dict[str, ClientFactors]],
+    ) -> dict[str, Any]:
+        """The server's part of a round: aggregate the uploads per module, apply, count the downlink.
+
+        ``client_records`` (one per upload, with the client's ``id``) gain the downlink; returns the round's record.
+        """
+        selected = [rec["id"] for rec in client_records]
         weights = self._weights(selected)
         updates = {name: self.method.aggregate([u[name] for u in uploads], weights, module=name) for name in uploads[0]}
         self._apply(updates, state)
