@@ -72,6 +72,18 @@ class EvalOptions:
     seed: int = 0
     progress: Callable[[int, int], None] | None = None  # (done, total) within the current task
 
+    def counter(self, total: int) -> Callable[[int], None]:
+        """A callback for scorers: ``advance(n)`` after n more of ``total`` questions, reported to ``progress``."""
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            if self.progress is not None:
+                self.progress(done, total)
+
+        return advance
+
 
 def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> int | None:
     """``value`` if it is an integer >= 1 (or None when allowed), else an :class:`EvalError` naming ``name``."""

@@ -174,13 +174,7 @@ def evaluate_commonsense(model: Any, tokenizer: Any, task: str, options: EvalOpt
     template = options.template or DEFAULT_TEMPLATE
     template_name = get_template(template).name
     start = time.perf_counter()
-    done = 0
-
-    def advance(n: int) -> None:
-        nonlocal done
-        done += n
-        if options.progress is not None:
-            options.progress(done, len(questions))
+    advance = options.counter(len(questions))
 
     extra: dict[str, Any] = {"template": template_name}
     if options.scorer == "loglik":

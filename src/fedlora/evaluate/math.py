@@ -277,13 +277,7 @@ def evaluate_open(
     template = options.template or DEFAULT_TEMPLATE
     max_new = options.max_new_tokens or MAX_NEW_TOKENS
     start = time.perf_counter()
-    done = 0
-
-    def advance(n: int) -> None:
-        nonlocal done
-        done += n
-        if options.progress is not None:
-            options.progress(done, len(questions))
+    advance = options.counter(len(questions))
 
     texts = generate_texts(
         model,

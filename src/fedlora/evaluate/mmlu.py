@@ -185,13 +185,7 @@ def evaluate_mcq(
     if not questions:
         raise EvalError(f"{source}: no questions to evaluate")
     start = time.perf_counter()
-    done = 0
-
-    def advance(n: int) -> None:
-        nonlocal done
-        done += n
-        if options.progress is not None:
-            options.progress(done, len(questions))
+    advance = options.counter(len(questions))
 
     shots_by_subject = shots_by_subject or {}
     if options.scorer == "loglik":
