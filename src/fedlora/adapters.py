@@ -8,7 +8,7 @@ global update to the frozen weights. Module names are the names inside the base 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -189,10 +189,16 @@ class LoraHost:
 
     def merge_into_base(self, update: Mapping[str, tuple[Tensor, Tensor]]) -> None:
         """``W0 <- W0 + B A`` per module, with folded factors (no scaling applied)."""
-        with torch.no_grad():
-            for module, (B, A) in update.items():
-                if B.shape[1] == 0:
-                    continue
-                weight = self.base_linear(module).weight
-                delta = B.to(weight.device, torch.float32) @ A.to(weight.device, torch.float32)
-                weight.add_(delta.to(weight.dtype))
+        add_to_base(self.base_linear, update)
+
+
+def add_to_base(base_linear: Callable[[str], nn.Linear], update: Mapping[str, tuple[Tensor, Tensor]]) -> None:
+    """``W0 <- W0 + B A`` for each module's frozen linear layer; the product in at least float32 (bf16 bases)."""
+    with torch.no_grad():
+        for module, (B, A) in update.items():
+            if B.shape[1] == 0:
+                continue
+            weight = base_linear(module).weight
+            dtype = torch.promote_types(torch.float32, weight.dtype)
+            delta = B.to(weight.device, dtype) @ A.to(weight.device, dtype)
+            weight.add_(delta.to(weight.dtype))

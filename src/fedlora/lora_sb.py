@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedlora.adapters import TargetModuleError
+from fedlora.adapters import TargetModuleError, add_to_base
 from fedlora.comm import INIT_MODES, fedsb_init_traffic
 from fedlora.lowrank import ClientFactors, normalize_weights
 from fedlora.train import CollateFn, count_targets, summed_token_loss
@@ -372,14 +372,7 @@ class LoraSBHost:
 
     def merge_into_base(self, update: Mapping[str, tuple[Tensor, Tensor]]) -> None:
         """``W0 <- W0 + B A`` per module, with folded factors (no scaling applied)."""
-        with torch.no_grad():
-            for module, (B, A) in update.items():
-                if B.shape[1] == 0:
-                    continue
-                weight = self.base_linear(module).weight
-                dtype = torch.promote_types(torch.float32, weight.dtype)
-                delta = B.to(weight.device, dtype) @ A.to(weight.device, dtype)
-                weight.add_(delta.to(weight.dtype))
+        add_to_base(self.base_linear, update)
 
     def base_state(self) -> dict[str, Tensor]:
         """Copies of the targeted base weights (tests compare them before and after a merge)."""
