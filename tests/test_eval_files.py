@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from fedlora.evaluate import evaluate
 from fedlora.evaluate.base import EvalError
@@ -16,13 +15,7 @@ from fedlora.evaluate.mmlu import MCQ
 from fedlora.evaluate.testing import OracleLM, answer_oracle
 from fedlora.models import byte_level_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -26,16 +26,7 @@ from fedlora.evaluate.mmlu import evaluate_mcq, letter_continuations, load_subje
 from fedlora.evaluate.scoring import loglik_reference
 from fedlora.models import load_model
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: on a shared 2-core machine two OpenMP threads spin-wait for a busy core (measured 6x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

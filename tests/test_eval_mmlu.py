@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from fedlora.data.templates import render_prompt
 from fedlora.evaluate import mmlu
@@ -24,13 +23,7 @@ from fedlora.evaluate.mmlu import (
 from fedlora.evaluate.testing import OracleLM, answer_oracle
 from fedlora.models import byte_level_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def q(question: str, answer: int = 0, subject: str = "s", choices=("w", "x", "y", "z")) -> MCQ:

@@ -28,15 +28,7 @@ from fedlora.evaluate.scoring import (
 from fedlora.evaluate.testing import OracleLM, answer_oracle
 from fedlora.models import build_tiny_llama
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run in milliseconds on one thread; two OpenMP threads on a shared 2-core machine spin-wait
-    for each other and make them 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
