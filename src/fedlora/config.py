@@ -16,9 +16,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedlora.methods import METHODS
+from fedlora.privacy.settings import PrivacyConfig
 from fedlora.train import TrainSettings
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CLIENT_DP_METHODS_WHY = (
+    "flexlora and fedex release functions of each client's own factor product (an SVD of the exact sum started "
+    "from non-zero adapters; an exact residual) whose sensitivity a clip of the uploads does not bound"
+)
 
 
 class ConfigError(ValueError):
@@ -74,6 +79,9 @@ class LoraSettings(Strict):
 
 class DataConfig(Strict):
     source: str = Field("commonsense", description="built-in name, JSON/JSONL file, seeds' folder or hub id")
+    tasks: list[str] | None = Field(
+        None, description="built-in data only: the tasks to use, e.g. [boolq] (None: all of them)"
+    )
     template: str = Field("alpaca", description="prompt template: alpaca, commonsense")
     num_clients: int = Field(8, ge=1)
     partition: Literal["dirichlet", "iid", "shards"] = "dirichlet"
@@ -124,9 +132,11 @@ class RunConfig(Strict):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     train: TrainSettings = Field(default_factory=TrainSettings)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
+        self._check_privacy()
         lora, method = self.lora, METHODS[self.method.name]
         if lora.heterogeneous:
             if len(lora.local_ranks) != self.data.num_clients:
@@ -143,6 +153,30 @@ class RunConfig(Strict):
                     f"{lora.local_ranks}; heterogeneous ranks work with {', '.join(hetero)}"
                 )
         return self
+
+    def _check_privacy(self) -> None:
+        privacy, name = self.privacy, self.method.name
+        if privacy.enabled and self.train.gradient_checkpointing:
+            raise ValueError("privacy.enabled (DP-SGD) does not support train.gradient_checkpointing; turn it off")
+        if privacy.any and name == "fedsb" and self.method.init_mode != "seeded" and not privacy.allow_unprotected_init:
+            raise ValueError(
+                f"method.init_mode={self.method.init_mode} computes Fed-SB's B and A from the clients' data without "
+                "privacy, which no reported epsilon covers; use method.init_mode=seeded, or set "
+                "privacy.allow_unprotected_init=true to accept (and report) the leak"
+            )
+        if privacy.client.enabled:
+            from fedlora.privacy.client_level import CLIENT_DP_METHODS
+
+            if name not in CLIENT_DP_METHODS:
+                raise ValueError(
+                    f"privacy.client does not support method {name!r}; valid: {', '.join(CLIENT_DP_METHODS)} "
+                    f"({CLIENT_DP_METHODS_WHY})"
+                )
+            if self.federation.weighting != "uniform":
+                raise ValueError(
+                    "privacy.client needs federation.weighting=uniform: with data-size weights one client's "
+                    "influence on the average (the sensitivity) is not bounded by the clip norm"
+                )
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

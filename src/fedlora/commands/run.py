@@ -82,6 +82,10 @@ def run(
         f"{summary.seconds:.1f} s",
     )
     console.print(table)
+    if summary.privacy is not None:  # each guarantee with the unit it protects (record or client)
+        from fedlora.privacy import describe
+
+        console.print(escape(describe(summary.privacy)))
     console.print(f"adapter: {summary.run_dir / 'adapter'}   metrics: {summary.run_dir / 'metrics.jsonl'}")
 
 

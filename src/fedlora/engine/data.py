@@ -26,6 +26,7 @@ def prepare_data(config: RunConfig, tokenizer: Any) -> ClientData:
     loaded = load_records_spec(
         d.source,
         category_field=d.category_field,
+        tasks=d.tasks,
         max_per_task=d.max_examples_per_category,
         seed=config.seed,
         num_clients=d.num_clients if Path(d.source).is_dir() else None,

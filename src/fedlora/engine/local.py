@@ -40,12 +40,16 @@ from fedlora.adapters import LoraHost, check_targets
 from fedlora.comm import DTYPE_BYTES
 from fedlora.config import RunConfig
 from fedlora.engine.data import ClientData, prepare_data
+from fedlora.engine.fingerprint import input_fingerprint
 from fedlora.engine.state import Factors, ServerState, load_state, save_state
 from fedlora.evaluate import evaluate, resolve_tasks
 from fedlora.lora_sb import LoraSBHost, SBInit, init_from_gradient
 from fedlora.lowrank import ClientFactors
 from fedlora.methods import Method, ModuleUpdate, get_method
 from fedlora.models import load_model
+from fedlora.privacy import client_level_plan, plan_run, privacy_summary
+from fedlora.privacy.client_level import ClientLevelDP, record_of
+from fedlora.privacy.dp_sgd import train_client_private
 from fedlora.train import evaluate_loss, select_device, train_client
 
 log = logging.getLogger("fedlora")
@@ -69,6 +73,7 @@ class RunSummary:
     global_ranks: dict[str, int] = field(default_factory=dict)
     accuracy_before: float | None = None
     accuracy_after: float | None = None
+    privacy: dict[str, Any] | None = None  # privacy_summary: epsilon per unit (record, client)
 
 
 def mix_seed(*parts: int | str) -> int:
@@ -117,6 +122,11 @@ class Engine:
         self.show_progress = progress
         self.run_dir = Path(config.output_dir)
         self.method = get_method(config.method.name, **config.method.options())
+        self.client_dp: ClientLevelDP | None = None
+        if config.privacy.client.enabled:  # clip and noise the clients' updates around the method
+            self.client_dp = ClientLevelDP(self.method, client_level_plan(config), seed=mix_seed(config.seed, "cdp"))
+            self.method = self.client_dp
+        self.record_plans = None  # record-level DP-SGD plans per client, fixed in prepare()
         self.is_sb = self.method.name == "fedsb"  # LoRA-SB adapters: only R trains and travels
         self.bytes_per_value = DTYPE_BYTES[config.comm_dtype]
         self.sb_init: SBInit | None = None
@@ -127,13 +137,28 @@ class Engine:
         """Everything that can fail on bad input, before any training: folder, model, data, targets, ranks."""
         cfg = self.config
         self._prepare_run_dir()
+        self.load()
+        if cfg.privacy.enabled:  # an unreachable privacy target fails here, before anything trains
+            self.record_plans = plan_run(cfg, [len(c) for c in self.data.clients])
+        # Only now, with every input checked, touch the run folder.
+        if self.overwrite:
+            for name in RUN_FILES:
+                path = self.run_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    def load(self, *, data: bool = True) -> None:
+        """Model, data (unless ``data=False``), targets and the adapter host; no run folder (Flower clients use it)."""
+        cfg = self.config
         self.device = select_device(cfg.device)
         loaded = load_model(cfg.model, seed=cfg.seed, device=self.device)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.model_path = loaded.path or cfg.model
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.data: ClientData = prepare_data(cfg, self.tokenizer)
+        if data:
+            self.data: ClientData = prepare_data(cfg, self.tokenizer)
         if cfg.eval.tasks:
             resolve_tasks(cfg.eval.tasks)  # unknown task names fail now, not after training
         ranks = [cfg.lora.rank_of(k) for k in range(cfg.data.num_clients)]
@@ -143,13 +168,6 @@ class Engine:
             if self.is_sb
             else LoraHost(self.model, cfg.lora.target_modules, cfg.lora.dropout)
         )
-        # Only now, with every input checked, touch the run folder.
-        if self.overwrite:
-            for name in RUN_FILES:
-                path = self.run_dir / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     def _prepare_run_dir(self) -> None:
         has_run = (self.run_dir / "metrics.jsonl").exists() or (self.run_dir / "checkpoint").exists()
@@ -170,6 +188,12 @@ class Engine:
             return
         saved = yaml.safe_load(saved_path.read_text())
         current = self.config.model_dump(mode="json")
+        private = self.config.privacy.any
+        if private and saved["federation"].get("rounds") != current["federation"]["rounds"]:
+            raise RunError(
+                f"cannot resume {self.run_dir} with federation.rounds changed: the privacy noise was calibrated "
+                "for the saved number of rounds; start a new run instead"
+            )
         for cfg in (saved, current):
             cfg["federation"].pop("rounds", None)
         changed = sorted(k for k in {*saved, *current} if saved.get(k) != current.get(k))
@@ -188,15 +212,7 @@ class Engine:
         state = self._initial_state()
         metrics = self._metrics_so_far(state.round)
         if state.round == 0 and not any(m["round"] == 0 for m in metrics):
-            record: dict[str, Any] = {"round": 0}
-            if cfg.eval.base:
-                record["eval"] = self._evaluate(state)
-            if self.sb_init is not None:  # Fed-SB's one-time agreement on B and A
-                record["fedsb_init"] = self.sb_init.record()
-                K = cfg.data.num_clients
-                record["uplink_bytes"] = self.sb_init.uplink_params_per_client * K * self.bytes_per_value
-                record["downlink_bytes"] = self.sb_init.downlink_params_per_client * K * self.bytes_per_value
-            metrics.append(self._write_metrics(record))
+            metrics.append(self._write_metrics(self.round0_record(state)))
 
         with self._progress() as progress:
             rounds_bar = progress.add_task("rounds", total=cfg.federation.rounds, completed=state.round)
@@ -211,6 +227,22 @@ class Engine:
 
         self._export(state)
         return self._summary(metrics, time.perf_counter() - start)
+
+    def round0_record(self, state: ServerState) -> dict[str, Any]:
+        """The ``round: 0`` line of metrics.jsonl: inputs, the base model's evaluation, Fed-SB's one-time init."""
+        cfg = self.config
+        record: dict[str, Any] = {"round": 0}
+        record["inputs"] = input_fingerprint(cfg, self.data, self.model)  # same inputs across methods
+        if cfg.eval.base:
+            record["eval"] = self._evaluate(state)
+        if self.sb_init is not None and cfg.privacy.any:  # data-dependent B and A are not covered by DP
+            record["privacy_init_covered"] = cfg.method.init_mode == "seeded"
+        if self.sb_init is not None:  # Fed-SB's one-time agreement on B and A
+            record["fedsb_init"] = self.sb_init.record()
+            K = cfg.data.num_clients
+            record["uplink_bytes"] = self.sb_init.uplink_params_per_client * K * self.bytes_per_value
+            record["downlink_bytes"] = self.sb_init.downlink_params_per_client * K * self.bytes_per_value
+        return record
 
     def _run_round(self, round_: int, state: ServerState, progress: Progress) -> dict[str, Any]:
         cfg = self.config
@@ -235,16 +267,28 @@ class Engine:
         """
         cfg, data = self.config, self.data
         self._install_client(k, round_, state)
+        if self.client_dp is not None:  # client-level DP clips the update relative to this start
+            self.client_dp.set_start(k, self.host.factors())
         settings = cfg.train.model_copy(update={"seed": mix_seed(cfg.seed, "train", round_, k)})
-        result = train_client(
-            self.host.model,
-            data.clients[k],
-            settings,
-            data.collate,
-            device=self.device,
-            progress=progress if self.show_progress else None,
-            desc=f"client {k}",
-        )
+        train_kwargs: dict[str, Any] = dict(device=self.device, progress=progress if self.show_progress else None)
+        if cfg.privacy.enabled:
+            if self.record_plans is None:  # a Flower client: plan from the same data as the server would
+                self.record_plans = plan_run(cfg, [len(c) for c in data.clients])
+            plan = self.record_plans[k]
+            result = train_client_private(
+                self.host.model,
+                data.clients[k],
+                settings,
+                plan,
+                data.collate,
+                **train_kwargs,
+                desc=f"client {k}",
+                secure_mode=cfg.privacy.secure_mode,
+            )
+        else:
+            result = train_client(
+                self.host.model, data.clients[k], settings, data.collate, **train_kwargs, desc=f"client {k}"
+            )
         factors = self.host.factors()
         up = sum(payload_params(self.method, f) for f in factors.values())
         record = {
@@ -257,6 +301,13 @@ class Engine:
             "uplink_params": up,
             "uplink_bytes": up * self.bytes_per_value,
         }
+        if cfg.privacy.enabled:  # cumulative epsilon over the rounds this client took part in (unit: a record)
+            fed = cfg.federation
+            times = sum(
+                k in select_clients(cfg.data.num_clients, fed.client_fraction, cfg.seed, t)
+                for t in range(1, round_ + 1)
+            )
+            record["privacy"] = plan.record(times)
         return factors, record
 
     def server_update(
@@ -271,7 +322,9 @@ class Engine:
         ``client_records`` (one per upload, with the client's ``id``) gain the downlink; returns the round's record.
         """
         selected = [rec["id"] for rec in client_records]
-        weights = self._weights(selected)
+        weights = self.record_weights(client_records)
+        if self.client_dp is not None:
+            dp_round = self.client_dp.begin_round(round_, selected, uploads)
         updates = {name: self.method.aggregate([u[name] for u in uploads], weights, module=name) for name in uploads[0]}
         self._apply(updates, state)
         down = self._downlink_params(updates, state)
@@ -287,6 +340,8 @@ class Engine:
             "uplink_bytes": sum(r["uplink_bytes"] for r in client_records),
             "downlink_bytes": sum(down.values()) * self.bytes_per_value,
         }
+        if self.client_dp is not None:  # unit: a client's whole data
+            record["client_privacy"] = record_of(self.client_dp.plan, round_, dp_round)
         if any(u.singular_values is not None for u in updates.values()):
             record["global_ranks"] = {name: u.rank for name, u in updates.items()}
             record["energy_kept"] = {name: round(u.energy_kept, 6) for name, u in updates.items()}
@@ -337,11 +392,21 @@ class Engine:
             weights=self._weights(range(cfg.data.num_clients)),
             micro_batch_size=cfg.train.micro_batch_size,
         )
+        return self.install_sb_init(state)
+
+    def install_sb_init(self, state: ServerState) -> ServerState:
+        """Install ``self.sb_init`` (Fed-SB's shared B, A and starting R) on the host and in the server state."""
         self.host.install(self.sb_init)
         state.frozen = {n: (f.B, f.A) for n, f in self.sb_init.factors.items()}
         state.global_R = {n: f.R * f.scaling for n, f in self.sb_init.factors.items()}
         state.global_adapter = self.host.export_factors()
         return state
+
+    def record_weights(self, client_records: list[dict[str, Any]]) -> list[float]:
+        """Aggregation weights from the clients' own reports (their example counts), as a remote server sees them."""
+        if self.config.federation.weighting == "uniform":
+            return [1.0 for _ in client_records]
+        return [float(rec["num_examples"]) for rec in client_records]
 
     def _weights(self, clients) -> list[float]:
         if self.config.federation.weighting == "uniform":
@@ -500,6 +565,7 @@ class Engine:
             downlink_bytes=sum(m.get("downlink_bytes", 0) for m in metrics),
             seconds=seconds,
             global_ranks=rounds[-1].get("global_ranks", {}) if rounds else {},
+            privacy=privacy_summary(metrics),
         )
 
     def _progress(self) -> Progress:
