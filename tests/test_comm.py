@@ -250,7 +250,7 @@ def test_ffa_fedex_formulas():
 def test_fedsb_init_modes():
     r, layers = 200, 28
     shapes = [PRESETS["llama-3.2-3b"].module_shape(t) for t in TARGETS]
-    ab = layers * sum(r * (m + n) for m, n in shapes)
+    ab = layers * sum(r * (m + n) + r * r for m, n in shapes)  # B, A and the starting R
     dense = layers * sum(m * n for m, n in shapes)
     seeded = cost("llama-3.2-3b", "fedsb", r, targets="all-linear", clients=5)
     assert seeded.one_time.mode == "seeded"

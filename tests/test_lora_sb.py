@@ -397,9 +397,10 @@ def test_one_time_communication_counts(tiny64):
     per_layer_m_plus_n = sum(m + n for m, n in SHAPES.values())  # 1,024
     layers, r = 2, 4
     clients = [make_examples(2, seed=1), make_examples(2, seed=2)]
+    b_a_r = layers * (r * per_layer_m_plus_n + len(SHAPES) * r * r)  # B, A and the starting R
     for mode, up, down in [
-        ("federated", layers * per_layer_mn, layers * r * per_layer_m_plus_n),
-        ("pooled", 0, layers * r * per_layer_m_plus_n),
+        ("federated", layers * per_layer_mn, b_a_r),
+        ("pooled", 0, b_a_r),
         ("seeded", 0, 0),
     ]:
         init = init_from_gradient(tiny64, clients, collate_fn, TARGETS, r, learning_rate=ETA, mode=mode, niter=1)

@@ -261,18 +261,19 @@ def module_traffic(
 
 
 def fedsb_init_traffic(mode: str, m: int, n: int, r: int) -> tuple[int, int]:
-    """Fed-SB's one-time cost per client of agreeing on ``B`` (m x r) and ``A`` (r x n): ``(uplink, downlink)``.
+    """Fed-SB's one-time cost per client of agreeing on ``B`` (m x r), ``A`` (r x n) and the starting ``R`` (r x r):
+    ``(uplink, downlink)``.
 
-    ``seeded``: drawn from a shared seed, nothing travels. ``pooled``: the server computes them on pooled data
-    and sends them (the raw data's uplink is not counted). ``federated``: each client sends its dense gradient
-    estimate ``G_k`` once and receives ``B`` and ``A``.
+    ``seeded``: drawn from a shared seed (``R = 0``), nothing travels. ``pooled``: the server computes them on
+    pooled data and sends them (the raw data's uplink is not counted). ``federated``: each client sends its dense
+    gradient estimate ``G_k`` once and receives ``B``, ``A`` and ``R``.
     """
     if mode == "seeded":
         return 0, 0
     if mode == "pooled":
-        return 0, r * (m + n)
+        return 0, r * (m + n) + r * r
     if mode == "federated":
-        return m * n, r * (m + n)
+        return m * n, r * (m + n) + r * r
     raise CommError(f"unknown Fed-SB init mode {mode!r}; valid: {', '.join(INIT_MODES)}")
 
 
