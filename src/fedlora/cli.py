@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from fedlora import __version__
-from fedlora.commands import aggregate, comm, run, split
+from fedlora.commands import aggregate, comm, compare, report, run, split
 from fedlora.commands import eval as eval_
 
 app = typer.Typer(
@@ -20,6 +20,10 @@ app.command("aggregate")(aggregate.aggregate)
 app.command("comm")(comm.comm)
 app.command("split")(split.split)
 app.command("eval", help=eval_.EVAL_HELP)(eval_.eval_)
+app.command(
+    "compare", help=compare.COMPARE_HELP, context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)(compare.compare)
+app.command("report", help=report.REPORT_HELP)(report.report)
 app.command(
     "run",
     help=run.RUN_HELP,
