@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedlora.engine.seeding import mix_seed
+
 FINGERPRINT_VERSION = 1
 #: the components of a fingerprint that must agree between comparable runs, in the order reports list them
 COMPONENTS = ("seed", "base_weights", "data_split", "eval_set", "first_batches")
@@ -85,7 +87,6 @@ def input_fingerprint(config: Any, data: Any, model: nn.Module) -> dict[str, Any
     set), ``model`` the base model (adapters may be installed; they are ignored). The first batches are the ones
     each client trains on in round 1, drawn exactly as the engine seeds them.
     """
-    from fedlora.engine.local import mix_seed  # the engine's per-(round, client) seed; imported late (no cycle)
 
     first_batches = []
     for k, shard in enumerate(data.clients):

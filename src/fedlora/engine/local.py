@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import time
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from fedlora.comm import DTYPE_BYTES
 from fedlora.config import RunConfig
 from fedlora.engine.data import ClientData, prepare_data
 from fedlora.engine.fingerprint import input_fingerprint
+from fedlora.engine.seeding import mix_seed
 from fedlora.engine.state import Factors, ServerState, load_state, save_state
 from fedlora.evaluate import evaluate, resolve_tasks
 from fedlora.lora_sb import LoraSBHost, SBInit, init_from_gradient
@@ -74,11 +74,6 @@ class RunSummary:
     accuracy_before: float | None = None
     accuracy_after: float | None = None
     privacy: dict[str, Any] | None = None  # privacy_summary: epsilon per unit (record, client)
-
-
-def mix_seed(*parts: int | str) -> int:
-    """A stable 31-bit seed from parts (Python's ``hash`` is salted per process)."""
-    return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
 
 
 def select_clients(num_clients: int, fraction: float, seed: int, round_: int) -> list[int]:
@@ -136,6 +131,7 @@ class Engine:
     def prepare(self) -> None:
         """Everything that can fail on bad input, before any training: folder, model, data, targets, ranks."""
         cfg = self.config
+        self._clock = time.perf_counter()
         self._prepare_run_dir()
         self.load()
         if cfg.privacy.enabled:  # an unreachable privacy target fails here, before anything trains
@@ -526,6 +522,10 @@ class Engine:
         return kept
 
     def _write_metrics(self, record: dict[str, Any]) -> dict[str, Any]:
+        # Wall time since the previous line (round 0: since set-up began); their sum is the run's wall time.
+        now = time.perf_counter()
+        record["seconds"] = round(now - self._clock, 3)
+        self._clock = now
         with (self.run_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
         return record

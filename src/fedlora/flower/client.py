@@ -20,7 +20,8 @@ from torch import Tensor
 
 from fedlora.config import ConfigError, RunConfig
 from fedlora.engine.data import ClientData, prepare_data
-from fedlora.engine.local import Engine, mix_seed, truncate
+from fedlora.engine.local import Engine, truncate
+from fedlora.engine.seeding import mix_seed
 from fedlora.engine.state import ServerState
 from fedlora.flower import protocol as P
 from fedlora.flower.messages import decode, encode, pack_factors, unpack_factors, unpack_part

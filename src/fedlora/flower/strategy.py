@@ -27,7 +27,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlora.comm import fedsb_init_traffic
-from fedlora.engine.local import Engine, RunError, RunSummary, mix_seed, select_clients, truncate
+from fedlora.engine.local import Engine, RunError, RunSummary, select_clients, truncate
+from fedlora.engine.seeding import mix_seed
 from fedlora.engine.state import ServerState, save_state
 from fedlora.flower import protocol as P
 from fedlora.flower.messages import ReplyError, decode_checked, encode, pack_factors, payload_bytes, wire_bytes

@@ -13,7 +13,6 @@ FFA-LoRA) fails first.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,6 @@ from fedlora.config import ConfigError, RunConfig, validate
 from fedlora.methods import METHODS
 
 Status = Literal["new", "finished", "resume", "restart"]
-TIMING_FILE = "timing.json"  # wall time of a run, written beside the engine's files by compare
 
 
 class CompareError(ValueError):
@@ -232,21 +230,6 @@ def plan_compare(
     return ComparePlan(out, runs, skipped)
 
 
-def read_timing(run_dir: Path) -> float | None:
-    path = run_dir / TIMING_FILE
-    try:
-        return float(json.loads(path.read_text())["seconds"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def write_timing(run_dir: Path, seconds: float) -> None:
-    path = run_dir / TIMING_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"seconds": round(seconds, 3)}) + "\n")
-    os.replace(tmp, path)
-
-
 def execute_plan(
     plan: ComparePlan,
     *,
@@ -256,7 +239,7 @@ def execute_plan(
 ) -> dict[str, float]:
     """Train the runs that are not finished, one after another; returns this session's seconds per label.
 
-    Wall time accumulates across resumed sessions in ``<run>/timing.json`` (a restart resets it).
+    Each run's own wall time, across resumed sessions, is the sum of its ``metrics.jsonl`` lines' ``seconds``.
     """
     from fedlora.engine.local import Engine  # heavy imports only when training
 
@@ -267,7 +250,6 @@ def execute_plan(
             continue
         if on_start is not None:
             on_start(run)
-        previous = read_timing(run.run_dir) if run.status == "resume" else None
         start = time.perf_counter()
         engine = Engine(
             run.config,
@@ -277,5 +259,4 @@ def execute_plan(
         )
         engine.run()
         spent[run.label] = time.perf_counter() - start
-        write_timing(run.run_dir, (previous or 0.0) + spent[run.label])
     return spent

@@ -80,6 +80,9 @@ def _pareto_panel(ax, rows: Sequence[dict[str, Any]], key: str) -> None:
             "base model", (0.01, base * scale), xycoords=("axes fraction", "data"), fontsize=8, va="top", ha="left"
         )
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())  # labels on the decades only: minor labels overlap
     ax.set_xlabel("total bytes sent, up + down (log scale)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from fedlora.report.compare import CompareError, method_label, read_metrics, read_timing
+from fedlora.report.compare import CompareError, method_label, read_metrics
 
 
 class ReportError(ValueError):
@@ -78,7 +78,7 @@ def load_run(path: str | Path, label: str | None = None, *, allow_unfinished: bo
         metrics = read_metrics(run_dir / "metrics.jsonl")
     except CompareError as err:
         raise ReportError(str(err)) from None
-    run = RunData(run_dir, "", config, metrics, read_timing(run_dir))
+    run = RunData(run_dir, "", config, metrics, wall_seconds(metrics))
     run.label = label or method_label(run.method, run.threshold)
     if not run.rounds:
         raise ReportError(f"{run_dir} has no finished round yet (metrics.jsonl holds no round >= 1)")
@@ -106,3 +106,10 @@ def load_runs(paths: Sequence[str | Path], *, allow_unfinished: bool = False) ->
     if duplicates:
         raise ReportError(f"the same run folder is given twice: {', '.join(duplicates)}")
     return runs
+
+
+def wall_seconds(metrics: Sequence[dict]) -> float | None:
+    """The run's wall time: the sum of its metrics lines' ``seconds`` (None for runs that did not record it)."""
+    if not metrics or any("seconds" not in m for m in metrics):
+        return None
+    return float(sum(m["seconds"] for m in metrics))
