@@ -252,6 +252,17 @@ def summed_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
     )
 
 
+def make_optimizer(params: list[nn.Parameter], settings: TrainSettings) -> torch.optim.AdamW:
+    """A fresh AdamW over ``params`` with the settings' learning rate, betas, eps and weight decay."""
+    return torch.optim.AdamW(
+        params,
+        lr=settings.learning_rate,
+        betas=settings.adam_betas,
+        eps=settings.adam_eps,
+        weight_decay=settings.weight_decay,
+    )
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, settings: TrainSettings, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
@@ -415,13 +426,7 @@ def train_client(
     device = _resolve_device(model, device)
     total_steps = settings.total_steps(len(examples))
     precision = _Precision(autocast_dtype(settings.mixed_precision, device))
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=settings.learning_rate,
-        betas=settings.adam_betas,
-        eps=settings.adam_eps,
-        weight_decay=settings.weight_decay,
-    )
+    optimizer = make_optimizer(params, settings)
     scheduler = build_scheduler(optimizer, settings, total_steps)
     batches = _batches_of_steps(len(examples), settings, total_steps)
 

@@ -56,6 +56,7 @@ from fedlora.train import (
     _seeded_rng,
     _synchronize,
     build_scheduler,
+    make_optimizer,
     shifted_labels,
 )
 
@@ -257,13 +258,7 @@ def train_client_private(
     _synchronize(device)
     start = time.perf_counter()
     with grad_sample_module(model) as gsm:
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=settings.learning_rate,
-            betas=settings.adam_betas,
-            eps=settings.adam_eps,
-            weight_decay=settings.weight_decay,
-        )
+        optimizer = make_optimizer(params, settings)
         scheduler = build_scheduler(optimizer, settings, total_steps)
         dp_optimizer = make_dp_optimizer(optimizer, plan, noise_gen, secure_mode)
         try:
