@@ -125,6 +125,23 @@ class TrainResult:
     tokens_per_second: float
     learning_rates: list[float] = field(default_factory=list)  # the rate each step used
 
+    @classmethod
+    def of_steps(
+        cls, losses: list[float], rates: list[float], examples_seen: int, tokens: int, seconds: float
+    ) -> TrainResult:
+        """The summary of a finished loop; ``loss`` averages the finite step losses (DP's noise-only steps: NaN)."""
+        finite = [x for x in losses if math.isfinite(x)]
+        return cls(
+            loss=sum(finite) / len(finite) if finite else math.nan,
+            losses=losses,
+            steps=len(losses),
+            examples_seen=examples_seen,
+            tokens=tokens,
+            seconds=seconds,
+            tokens_per_second=tokens / seconds if seconds > 0 else float("inf"),
+            learning_rates=rates,
+        )
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Devices and precision
@@ -484,17 +501,7 @@ def train_client(
         if task is not None:
             progress.remove_task(task)
     _synchronize(device)
-    seconds = time.perf_counter() - start
-    return TrainResult(
-        loss=sum(losses) / len(losses),
-        losses=losses,
-        steps=len(losses),
-        examples_seen=examples_seen,
-        tokens=tokens,
-        seconds=seconds,
-        tokens_per_second=tokens / seconds if seconds > 0 else float("inf"),
-        learning_rates=rates,
-    )
+    return TrainResult.of_steps(losses, rates, examples_seen, tokens, time.perf_counter() - start)
 
 
 def evaluate_loss(

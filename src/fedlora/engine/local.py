@@ -375,20 +375,27 @@ class Engine:
         mode = cfg.method.init_mode
         if mode == "pooled":
             log.warning("fedsb init_mode=pooled computes B and A on the pooled data of all clients: NOT federated")
-        self.sb_init = init_from_gradient(
+        self.sb_init = self.compute_sb_init(mode, self.data.clients, self._weights(range(cfg.data.num_clients)))
+        return self.install_sb_init(state)
+
+    def compute_sb_init(
+        self, mode: str, examples_by_client: list[list[Any]], weights: list[float] | None = None
+    ) -> SBInit:
+        """LoRA-SB's B, A and R with this run's rank, targets, learning rate and seed (Flower's clients use it too)."""
+        cfg = self.config
+        return init_from_gradient(
             self.model,
-            self.data.clients,
-            self.data.collate,
+            examples_by_client,
+            self.data.collate if hasattr(self, "data") else None,
             cfg.lora.target_modules,
             cfg.lora.r,
             learning_rate=cfg.train.learning_rate,
             mode=mode,
             num_samples=cfg.method.init_samples,
             seed=mix_seed(cfg.seed, "fedsb-init"),
-            weights=self._weights(range(cfg.data.num_clients)),
+            weights=weights,
             micro_batch_size=cfg.train.micro_batch_size,
         )
-        return self.install_sb_init(state)
 
     def install_sb_init(self, state: ServerState) -> ServerState:
         """Install ``self.sb_init`` (Fed-SB's shared B, A and starting R) on the host and in the server state."""

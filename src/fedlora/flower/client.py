@@ -21,12 +21,11 @@ from torch import Tensor
 from fedlora.config import ConfigError, RunConfig
 from fedlora.engine.data import ClientData, prepare_data
 from fedlora.engine.local import Engine, truncate
-from fedlora.engine.seeding import mix_seed
 from fedlora.engine.state import ServerState
 from fedlora.flower import protocol as P
 from fedlora.flower.messages import decode, encode, pack_factors, unpack_factors, unpack_part
 from fedlora.flower.options import DATA_PATH, NUM_PARTITIONS, PARTITION_ID, FlowerOptions
-from fedlora.lora_sb import _accumulate_gradients, init_from_gradient, linear_targets
+from fedlora.lora_sb import _accumulate_gradients, linear_targets
 from fedlora.lowrank import ClientFactors
 
 log = logging.getLogger("fedlora.flower")
@@ -73,7 +72,7 @@ class ClientRuntime:
         if not self.engine.is_sb and not method.merges_into_base:
             self.init_state = self.engine._initial_state()  # the seeded round-1 adapter: derived, never sent
         if self.engine.is_sb and config.method.init_mode == "seeded":
-            self.seeded_sb = self._sb_init([], mode="seeded").factors
+            self.seeded_sb = self.engine.compute_sb_init("seeded", [[] for _ in range(config.data.num_clients)]).factors
 
     def _load_own(self, path: str) -> ClientData:
         """This client's own file (JSON/JSONL records) tokenised as the engine tokenises a shard."""
@@ -254,21 +253,6 @@ class ClientRuntime:
             {P.UPLOAD: encode(grads, self.config.comm_dtype), P.REPORT: ConfigRecord({"json": json.dumps(report)})}
         )
         return Message(content, reply_to=msg)
-
-    def _sb_init(self, examples: list[list[dict[str, Any]]], mode: str):
-        cfg = self.config
-        return init_from_gradient(
-            self.engine.model,
-            examples or [[] for _ in range(cfg.data.num_clients)],
-            self.engine.data.collate if hasattr(self.engine, "data") else None,
-            cfg.lora.target_modules,
-            cfg.lora.r,
-            learning_rate=cfg.train.learning_rate,
-            mode=mode,
-            num_samples=cfg.method.init_samples,
-            seed=mix_seed(cfg.seed, "fedsb-init"),
-            micro_batch_size=cfg.train.micro_batch_size,
-        )
 
 
 def _is_number(value: object) -> bool:

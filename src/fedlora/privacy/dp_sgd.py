@@ -309,15 +309,4 @@ def train_client_private(
             if task is not None:
                 progress.remove_task(task)
     _synchronize(device)
-    seconds = time.perf_counter() - start
-    finite = [x for x in losses if math.isfinite(x)]
-    return TrainResult(
-        loss=sum(finite) / len(finite) if finite else math.nan,
-        losses=losses,
-        steps=len(losses),
-        examples_seen=examples_seen,
-        tokens=tokens,
-        seconds=seconds,
-        tokens_per_second=tokens / seconds if seconds > 0 else float("inf"),
-        learning_rates=rates,
-    )
+    return TrainResult.of_steps(losses, rates, examples_seen, tokens, time.perf_counter() - start)
